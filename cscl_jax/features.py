@@ -1,0 +1,43 @@
+"""The one feature schema shared by every SITS dataset builder.
+
+Every builder under `tfds_builders/` yields examples with exactly these features, so the
+input pipeline and the models never care which dataset they read:
+
+  image       uint16 [T, H, W, 13]  Sentinel-2 L2A-like digital numbers (reflectance x 1e4),
+                                    bands in BANDS order, all at the 10 m grid; T varies.
+  doy         int32  [T]            day of year of each acquisition (1..366).
+  labels      int32  [H, W]         class index in 0..num_classes-1, or num_classes = unknown
+                                    (background, margins, roads, unlabelled pixels).
+  parcel_ids  int32  [H, W]         parcel (field) id, 0 where there is none.
+
+Builders store the class names in `info.metadata["class_names"]`; the unknown label is
+always `len(class_names)`.
+"""
+
+import tensorflow_datasets as tfds
+
+# Channel order of the reference pre-processing: 10 m | 20 m | 60 m bands.
+BANDS = ("B04", "B03", "B02", "B08",
+         "B05", "B06", "B07", "B8A", "B11", "B12",
+         "B01", "B09", "B10")
+NUM_BANDS = len(BANDS)  # 13; the input pipeline appends day-of-year as a 14th channel.
+# Reflectance = digital number * REFLECTANCE_SCALE; day-of-year channel = doy / DOY_SCALE.
+REFLECTANCE_SCALE = 1e-4
+DOY_SCALE = 365.0001
+
+
+def sits_features() -> tfds.features.FeaturesDict:
+  """Returns the TFDS feature dict every SITS builder uses."""
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Tensor(
+          shape=(None, None, None, NUM_BANDS), dtype="uint16",
+          encoding=tfds.features.Encoding.ZLIB,
+          doc="Digital numbers [T, H, W, 13] in BANDS order, 10 m grid."),
+      "doy": tfds.features.Tensor(shape=(None,), dtype="int32",
+                                  doc="Day of year of each date [T]."),
+      "labels": tfds.features.Tensor(
+          shape=(None, None), dtype="int32",
+          doc="Class index [H, W]; len(class_names) means unknown."),
+      "parcel_ids": tfds.features.Tensor(shape=(None, None), dtype="int32",
+                                         doc="Parcel id [H, W], 0 = none."),
+  })
