@@ -1,0 +1,226 @@
+"""Input pipeline: SITS datasets from TFDS to per-device batches for `jax.pmap`.
+
+Every dataset follows `cscl_jax.features`. An example becomes, as in the reference
+pre-processing (SPEC.md §4):
+
+  inputs  float32 [T, S, S, 14]  the 13 bands x REFLECTANCE_SCALE, then doy / DOY_SCALE; the time
+                                 axis cut to its first T = max_seq_len dates or zero-padded;
+                                 S = img_res, a random crop for training, the centre for eval.
+  labels  int32   [S, S]         class index, num_classes = unknown.
+  valid   bool    [S, S]         labels != num_classes.
+
+Training also flips at random horizontally and vertically. Batches are [D, b, ...] with
+D = jax.local_device_count() and b = batch_size / process_count / D; each process reads its own
+share of the split (`tfds.split_for_jax_process`).
+
+Training iterators are infinite and deterministic: epoch e is the process's share shuffled with
+a seed from (config.seed, e) and cut into whole batches, so step s is batch s % steps_per_epoch
+of epoch s // steps_per_epoch. Resuming at `start_step` skips the examples of the batches
+already seen before they are pre-processed, and crops and flips use stateless seeds from
+(shuffle seed, position in the epoch): a resumed run sees exactly the batches an uninterrupted
+one would. Eval iterators make one pass over the split in order (remainder dropped).
+"""
+
+import dataclasses
+from typing import Iterator
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cscl_jax import features
+from tfds_builders import sits_synthetic
+
+# TFDS dataset name -> package of its builder (importing the package registers the builder).
+_BUILDERS = {"sits_synthetic": sits_synthetic}
+
+
+@dataclasses.dataclass(frozen=True)
+class SitsInfo:
+  """What training needs to know about a dataset.
+
+  Attributes:
+    num_classes: number of real classes; the label `num_classes` means unknown.
+    class_names: name of each class.
+    num_examples: examples per split, all processes together.
+    image_size: (H, W) of the stored images.
+  """
+  num_classes: int
+  class_names: tuple[str, ...]
+  num_examples: dict[str, int]
+  image_size: tuple[int, int]
+
+  @property
+  def unknown_label(self) -> int:
+    return self.num_classes
+
+
+def _build_command(config: ml_collections.ConfigDict) -> str:
+  d = config.dataset
+  command = (f"python -m tensorflow_datasets.scripts.cli.main build tfds_builders/{d.name} "
+             f"--config={d.config}")
+  return command + "".join(f" --{k}={d[k]}" for k in ("data_dir", "manual_dir") if d[k])
+
+
+def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the dataset builder, preparing the dataset first if it is not on disk."""
+  d = config.dataset
+  if d.name not in _BUILDERS:
+    raise ValueError(f"config.dataset.name={d.name!r} is not a SITS dataset; use one of "
+                     f"{sorted(_BUILDERS)}.")
+  builder = _BUILDERS[d.name].Builder(config=d.config, data_dir=d.data_dir)
+  if not builder.is_prepared():
+    if jax.process_count() > 1:
+      raise RuntimeError(f"{d.name}/{d.config} is not prepared in {builder.data_dir}; build it "
+                         f"once before a multi-process run: {_build_command(config)}")
+    logging.info("Preparing %s/%s in %s.", d.name, d.config, builder.data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=d.manual_dir))
+  return builder
+
+
+def _info_and_check(config, builder) -> SitsInfo:
+  """Reads the dataset's info; raises one error listing every config field that misfits."""
+  d = config.dataset
+  first = next(iter(builder.info.splits))
+  labels = next(iter(builder.as_dataset(split=first).take(1)))["labels"]
+  info = SitsInfo(
+      num_classes=len(builder.info.metadata["class_names"]),
+      class_names=tuple(builder.info.metadata["class_names"]),
+      num_examples={s: v.num_examples for s, v in builder.info.splits.items()},
+      image_size=tuple(labels.shape))
+  problems = [f"split {s!r} (config.dataset.{k}) does not exist; the splits are "
+              f"{sorted(info.num_examples)}"
+              for k, s in (("train_split", d.train_split), ("eval_split", d.eval_split))
+              if s not in info.num_examples]
+  if d.num_classes != info.num_classes:
+    problems.append(f"config.model.num_classes={d.num_classes}, but {d.name} has "
+                    f"{info.num_classes} classes (unknown = {info.num_classes})")
+  if d.num_channels != features.NUM_BANDS + 1:
+    problems.append(f"config.model.num_channels={d.num_channels}, but the inputs have "
+                    f"{features.NUM_BANDS} bands + day of year = {features.NUM_BANDS + 1}")
+  if not 0 < d.img_res <= min(info.image_size):
+    problems.append(f"config.model.img_res={d.img_res} does not fit the {info.image_size} "
+                    f"images of {d.name}/{d.config}")
+  if d.max_seq_len < 1:
+    problems.append(f"config.model.max_seq_len={d.max_seq_len} must be >= 1")
+  if problems:
+    raise ValueError(f"The config does not fit {d.name}/{d.config}:\n  " + "\n  ".join(problems))
+  return info
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> SitsInfo:
+  """Returns the dataset's `SitsInfo`, preparing it first if needed.
+
+  Args:
+    config: the run config; uses config.dataset.*.
+
+  Raises:
+    ValueError: where config.dataset does not fit the data (classes, channels, sizes, splits).
+  """
+  return _info_and_check(config, _prepared_builder(config))
+
+
+def _batch_shape(config) -> tuple[int, int]:
+  """Returns (local devices D, per-device batch b)."""
+  devices, processes = jax.local_device_count(), jax.process_count()
+  if config.batch_size % (processes * devices):
+    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of "
+                     f"{processes} processes x {devices} local devices.")
+  return devices, config.batch_size // processes // devices
+
+
+def _maybe_flip(x, flip, axis):
+  return tf.where(flip, tf.reverse(x, [axis]), x)
+
+
+def preprocess(example: dict[str, tf.Tensor], config: ml_collections.ConfigDict,
+               seed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+  """Turns one stored example into {"inputs", "labels", "valid"} (see the module docstring).
+
+  Args:
+    example: "image" uint16 [T, H, W, 13], "doy" int32 [T], "labels" int32 [H, W].
+    config: uses config.dataset.{img_res, max_seq_len, num_classes}.
+    seed: int64 [2] stateless seed: random crop and flips (training); None: centre crop.
+  """
+  size, max_len = config.dataset.img_res, config.dataset.max_seq_len
+  labels = example["labels"]
+  height, width = tf.unstack(tf.shape(labels))
+  tf.debugging.assert_greater_equal(tf.minimum(height, width), size, message=(
+      f"an image is smaller than config.model.img_res={size}"))
+  if seed is None:
+    top, left = (height - size) // 2, (width - size) // 2
+  else:
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    top = tf.random.stateless_uniform([], seeds[0], 0, height - size + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[1], 0, width - size + 1, dtype=tf.int32)
+  image = example["image"][:max_len, top:top + size, left:left + size]  # [t, S, S, 13]
+  doy = tf.cast(example["doy"][:max_len], tf.float32) / features.DOY_SCALE  # [t]
+  labels = labels[top:top + size, left:left + size]
+  doy = tf.broadcast_to(doy[:, None, None, None], [tf.shape(doy)[0], size, size, 1])
+  inputs = tf.concat([tf.cast(image, tf.float32) * features.REFLECTANCE_SCALE, doy], -1)
+  inputs = tf.pad(inputs, [[0, max_len - tf.shape(inputs)[0]], [0, 0], [0, 0], [0, 0]])
+  if seed is not None:
+    flips = tf.random.stateless_uniform([2], seeds[2]) < 0.5  # horizontal, vertical
+    inputs, labels = _maybe_flip(inputs, flips[0], 2), _maybe_flip(labels, flips[0], 1)
+    inputs, labels = _maybe_flip(inputs, flips[1], 1), _maybe_flip(labels, flips[1], 0)
+  inputs = tf.ensure_shape(inputs, [max_len, size, size, features.NUM_BANDS + 1])
+  labels = tf.ensure_shape(tf.cast(labels, tf.int32), [size, size])
+  return {"inputs": inputs, "labels": labels, "valid": labels != config.dataset.num_classes}
+
+
+def _train_dataset(records, config, per_process, start_step, steps_per_epoch, batch):
+  """Infinite [D, b, ...] batches; epoch e shuffled with a seed from (config.seed, e)."""
+  start_epoch, skip = divmod(start_step, steps_per_epoch)
+
+  def epoch(e):
+    key = tf.stack([tf.constant(config.seed, tf.int64), e])
+    shuffle_seed = tf.random.stateless_uniform([], key, None, None, dtype=tf.int64)
+    ds = records.shuffle(config.dataset.shuffle_buffer, seed=shuffle_seed).enumerate()
+    ds = ds.skip(tf.where(e == start_epoch, np.int64(skip * per_process), np.int64(0)))
+    ds = ds.map(lambda i, ex: preprocess(ex, config, tf.stack([shuffle_seed, i])),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return batch(ds)
+
+  return tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+
+
+def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
+                 start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Returns an iterator of numpy batches of this process's share of `split`.
+
+  Args:
+    config: the run config; uses config.dataset.*, config.batch_size and config.seed.
+    split: TFDS split name, e.g. config.dataset.train_split.
+    train: training (infinite, shuffled, random crops and flips) or eval (one ordered pass,
+      centre crops).
+    start_step: training step to resume at; its batch comes first.
+
+  Returns:
+    Batches {"inputs": float32 [D, b, T, S, S, 14], "labels": int32 [D, b, S, S],
+    "valid": bool [D, b, S, S]}.
+
+  Raises:
+    ValueError: where the config does not fit the data, or the split holds no whole batch.
+  """
+  builder = _prepared_builder(config)
+  _info_and_check(config, builder)
+  devices, per_device = _batch_shape(config)
+  per_process = devices * per_device
+  process_split = tfds.split_for_jax_process(split, drop_remainder=True)
+  num_batches = builder.info.splits[process_split].num_examples // per_process
+  if num_batches == 0:
+    raise ValueError(f"Split {split!r} of {config.dataset.name} holds fewer examples per "
+                     f"process than one batch of {per_process}; lower config.batch_size.")
+  records = builder.as_dataset(split=process_split, shuffle_files=False)
+  batch = lambda ds: (ds.batch(per_device, drop_remainder=True)
+                      .batch(devices, drop_remainder=True))
+  if train:
+    ds = _train_dataset(records, config, per_process, start_step, num_batches, batch)
+  else:
+    ds = batch(records.map(lambda ex: preprocess(ex, config),
+                           num_parallel_calls=tf.data.AUTOTUNE))
+  return iter(tfds.as_numpy(ds.prefetch(config.dataset.prefetch)))

@@ -1,0 +1,166 @@
+"""Tests of cscl_jax.input_pipeline on the `tiny` synthetic dataset (8 simulated devices)."""
+
+import itertools
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import common
+from cscl_jax import input_pipeline
+
+
+def _config(data_dir, **model):
+  config = common.get_config()
+  config.dataset.config = "tiny"
+  config.dataset.data_dir = str(data_dir)
+  config.dataset.shuffle_buffer = 8
+  config.batch_size = 8  # 8 devices x 1
+  config.model.img_res = 16
+  config.model.max_seq_len = 40
+  config.model.update(model)
+  return config
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A data dir where `tiny` is built once, by the pipeline on first use."""
+  data_dir = tmp_path_factory.mktemp("tfds")
+  input_pipeline.dataset_info(_config(data_dir))
+  return data_dir
+
+
+@pytest.fixture(scope="session")
+def raw(data_dir):
+  """The stored examples of each split, in file order."""
+  builder = input_pipeline._prepared_builder(_config(data_dir))
+  return {s: list(tfds.as_numpy(builder.as_dataset(split=s, shuffle_files=False)))
+          for s in ("train", "validation")}
+
+
+def _take(config, split, n, **kwargs):
+  return list(itertools.islice(input_pipeline.create_split(config, split, **kwargs), n))
+
+
+def _reference(example, size, max_len, top, left):
+  """Numpy version of the pre-processing of one example at crop (top, left), no flips."""
+  image = example["image"][:max_len, top:top + size, left:left + size].astype(np.float64)
+  doy = np.broadcast_to(example["doy"][:max_len, None, None, None] / 365.0001,
+                        image.shape[:3] + (1,))
+  inputs = np.zeros((max_len, size, size, 14))
+  inputs[:image.shape[0]] = np.concatenate([image * 1e-4, doy], -1)
+  return inputs, example["labels"][top:top + size, left:left + size]
+
+
+def _examples(batches):
+  """Flattens [D, b, ...] batches to a list of examples."""
+  for batch in batches:
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+    yield from ({k: v[i] for k, v in flat.items()} for i in range(len(flat["labels"])))
+
+
+def _dates(example):
+  return tuple(np.round(example["inputs"][:, 0, 0, -1] * 365.0001).astype(int))
+
+
+def test_dataset_info(data_dir):
+  info = input_pipeline.dataset_info(_config(data_dir))
+  assert info.num_classes == info.unknown_label == 12 == len(info.class_names)
+  assert info.num_examples == {"train": 24, "validation": 8, "test": 8}
+  assert info.image_size == (24, 24)
+
+
+@pytest.mark.parametrize("max_len", [40, 12])  # zero-padded (T <= 40) and cut
+def test_eval_batches_match_numpy_reference(data_dir, raw, max_len):
+  config = _config(data_dir, max_seq_len=max_len)
+  batches = list(input_pipeline.create_split(config, "validation", train=False))
+  assert len(batches) == 1  # 8 examples, one batch of 8 devices x 1, then it ends
+  assert batches[0]["inputs"].shape == (8, 1, max_len, 16, 16, 14)
+  assert batches[0]["inputs"].dtype == np.float32 and batches[0]["labels"].dtype == np.int32
+  for got, example in zip(_examples(batches), raw["validation"]):
+    inputs, labels = _reference(example, 16, max_len, 4, 4)  # centre of 24x24
+    np.testing.assert_allclose(got["inputs"], inputs, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got["labels"], labels)
+    np.testing.assert_array_equal(got["valid"], labels != 12)
+
+
+def test_train_examples_are_crops_and_flips_of_stored_ones(data_dir, raw):
+  config = _config(data_dir)
+  found = set()
+  for got in _examples(_take(config, "train", 3, train=True)):
+    (index, example), = [(i, e) for i, e in enumerate(raw["train"])
+                         if _dates(got)[:len(e["doy"])] == tuple(e["doy"])]
+    matches = []
+    for top, left in itertools.product(range(9), repeat=2):
+      inputs, labels = _reference(example, 16, 40, top, left)
+      for flip_h, flip_v in itertools.product([False, True], repeat=2):
+        x, y = inputs, labels
+        x, y = (x[:, :, ::-1], y[:, ::-1]) if flip_h else (x, y)
+        x, y = (x[:, ::-1], y[::-1]) if flip_v else (x, y)
+        if np.array_equal(got["labels"], y) and np.allclose(got["inputs"], x, atol=1e-7):
+          matches.append((top, left, flip_h, flip_v))
+    assert matches, "a training example is no crop and flip of its stored example"
+    found.update((index,) + m for m in matches)
+  assert len({f[0] for f in found}) == 24  # one epoch: every example once
+  assert len({f[1:3] for f in found}) > 5 and len({f[3:] for f in found}) == 4
+
+
+def test_training_is_deterministic_and_resumes_without_replay(data_dir):
+  config = _config(data_dir)
+  full = _take(config, "train", 7, train=True)  # 3 steps per epoch: epochs 0, 1, 2
+  again = _take(config, "train", 7, train=True)
+  resumed = _take(config, "train", 3, train=True, start_step=4)
+  for a, b in zip(full, again):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+  for a, b in zip(full[4:], resumed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  epochs = [[_dates(e) for e in _examples(full[i:i + 3])] for i in (0, 3)]
+  assert all(len(set(dates)) == 24 for dates in epochs)  # no example twice in an epoch
+  assert epochs[0] != epochs[1]  # reshuffled
+  config.seed = 1
+  assert not np.array_equal(_take(config, "train", 1, train=True)[0]["inputs"],
+                            full[0]["inputs"])
+
+
+def test_processes_read_disjoint_shares(data_dir):
+  config = _config(data_dir)
+  config.batch_size = 16  # 2 processes x 8 devices x 1
+  shares = []
+  for process in range(2):
+    with mock.patch.object(jax, "process_count", return_value=2), \
+         mock.patch.object(jax, "process_index", return_value=process):
+      batches = list(input_pipeline.create_split(config, "train", train=False))
+    assert len(batches) == 1 and batches[0]["labels"].shape == (8, 1, 16, 16)
+    shares.append({_dates(e) for e in _examples(batches)})
+  assert len(shares[0]) == len(shares[1]) == 8 and not shares[0] & shares[1]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_classes", 20, "config.model.num_classes=20, but sits_synthetic has 12 classes"),
+    ("num_channels", 15, "config.model.num_channels=15"),
+    ("img_res", 32, "config.model.img_res=32 does not fit the (24, 24) images"),
+])
+def test_config_that_does_not_fit_the_data(data_dir, field, value, message):
+  config = _config(data_dir, **{field: value})
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    input_pipeline.dataset_info(config)
+
+
+def test_bad_split_batch_and_name(data_dir):
+  config = _config(data_dir)
+  config.dataset.eval_split = "valid"
+  with pytest.raises(ValueError, match="split 'valid' .* does not exist"):
+    input_pipeline.create_split(config, "train", train=True)
+  config = _config(data_dir)
+  config.batch_size = 12
+  with pytest.raises(ValueError, match="batch_size=12 must be a multiple of 1 processes x 8"):
+    input_pipeline.create_split(config, "train", train=True)
+  config.batch_size = 16
+  with pytest.raises(ValueError, match="fewer examples per process than one batch of 16"):
+    input_pipeline.create_split(config, "validation", train=False)
+  config.dataset.name = "mnist"
+  with pytest.raises(ValueError, match="not a SITS dataset"):
+    input_pipeline.dataset_info(config)
