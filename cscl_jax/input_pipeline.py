@@ -33,9 +33,10 @@ import tensorflow_datasets as tfds
 
 from cscl_jax import features
 from tfds_builders import sits_synthetic
+from tfds_builders import t31tfm_1618
 
 # TFDS dataset name -> package of its builder (importing the package registers the builder).
-_BUILDERS = {"sits_synthetic": sits_synthetic}
+_BUILDERS = {"sits_synthetic": sits_synthetic, "t31tfm_1618": t31tfm_1618}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from cscl_jax import input_pipeline
+from tfds_builders.t31tfm_1618 import fake_data
 
 
 def _config(data_dir, **model):
@@ -164,3 +165,22 @@ def test_bad_split_batch_and_name(data_dir):
   config.dataset.name = "mnist"
   with pytest.raises(ValueError, match="not a SITS dataset"):
     input_pipeline.dataset_info(config)
+
+
+def test_t31tfm_1618_from_a_manual_folder(tmp_path):
+  config = _config(tmp_path / "tfds", num_classes=20, img_res=48, max_seq_len=16)
+  config.dataset.name, config.dataset.config = "t31tfm_1618", "default"
+  config.dataset.manual_dir = str(fake_data.write(tmp_path / "T31TFM_1618", num_train=8,
+                                                  num_eval=8))
+  info = input_pipeline.dataset_info(config)  # builds it
+  assert info.num_examples == {"train": 8, "validation": 8}
+  assert info.unknown_label == 20 and info.image_size == (48, 48)
+  train, = _take(config, "train", 1, train=True)
+  assert train["inputs"].shape == (8, 1, 16, 48, 48, 14)
+  builder = input_pipeline._prepared_builder(config)
+  stored = list(tfds.as_numpy(builder.as_dataset(split="validation", shuffle_files=False)))
+  for got, example in zip(_examples(_take(config, "validation", 1, train=False)), stored):
+    inputs, labels = _reference(example, 48, 16, 0, 0)
+    np.testing.assert_allclose(got["inputs"], inputs, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got["valid"], labels != 20)
+    assert (labels == 20).any() and (labels < 20).any()

@@ -1,0 +1,155 @@
+"""t31tfm_1618: the T31TFM_1618 (France) Sentinel-2 crop-type dataset of the CSCL paper.
+
+Reads the manually downloaded folder: one pickle per 48x48 sample holding every band at its
+native resolution, the days of year and the 10 m ground truths (SPEC.md §4). Each example
+follows `cscl_jax.features`:
+
+* image: the 13 bands on the 10 m grid in BANDS order; the 20 m and 60 m bands are upsampled
+  bilinearly with half-pixel centres and edge clamping (torch `F.upsample(mode="bilinear")`,
+  align_corners=False, as the reference; also `tf.image.resize(method="bilinear")`), then
+  rounded to whole digital numbers (the reference keeps the fraction: at most 0.5e-4 off).
+* doy: every date of the file (the input pipeline cuts or pads to T).
+* labels: raw crop codes remapped by labels_20k2k (`labels_20k2k.json`); unlisted codes,
+  background 0 included, and pixels flagged in full_ass or part_ass become 20 = unknown.
+* parcel_ids: the `ids` ground truth.
+
+Splits: train = paths/train_paths.csv, validation = paths/eval_paths.csv (the reference has no
+separate test set). The x4 super-resolution ground truths of some files are not used.
+"""
+
+import json
+import pickle
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cscl_jax import features
+
+# Native pixel size of each band in units of 10 m.
+_FACTOR = {**dict.fromkeys(("B02", "B03", "B04", "B08"), 1),
+           **dict.fromkeys(("B05", "B06", "B07", "B8A", "B11", "B12"), 2),
+           **dict.fromkeys(("B01", "B09", "B10"), 6)}
+_GROUND_TRUTHS = ("labels", "ids", "full_ass", "part_ass")
+# Class names: the French LPIS (RPG) codes the reference gives for the 20 labels_20k2k codes.
+_CODE_NAMES = {1: "PPH", 2: "J6S", 3: "VRC", 6: "SNE", 7: "ORH", 8: "PRL", 9: "TTH", 10: "PTC",
+               11: "MH7", 12: "RDF", 13: "MH6", 14: "BOP", 20: "BOR", 25: "RVI", 33: "VRG",
+               34: "TCR", 35: "J5M", 36: "MC7", 48: "LU6", 73: "SA7"}
+_SPLIT_FILES = {"train": "train_paths.csv", "validation": "eval_paths.csv"}
+
+
+def _label_map() -> tuple[np.ndarray, np.ndarray, int]:
+  """Returns (sorted raw codes, their classes, unknown class) of labels_20k2k."""
+  spec = json.loads((tfds.core.Path(__file__).parent / "labels_20k2k.json").read_text())
+  codes = np.array(sorted(int(code) for code in spec["map"]))
+  return codes, np.array([spec["map"][str(code)] for code in codes]), spec["unknown_class"]
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Resizes [..., h, w] to [..., height, width]: bilinear, half-pixel centres, edges clamped."""
+  for axis, size in ((-2, height), (-1, width)):
+    n = image.shape[axis]
+    source = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, n - 1)
+    shape = [1] * image.ndim
+    shape[axis] = size
+    weight = (source - low).reshape(shape)
+    image = (np.take(image, low, axis=axis) * (1 - weight)
+             + np.take(image, high, axis=axis) * weight)
+  return image
+
+
+def _checked(path: tfds.core.Path, sample) -> tuple[int, int]:
+  """Returns (H, W) after checking the keys and shapes of one sample; raises naming the file."""
+  if not isinstance(sample, dict):
+    raise ValueError(f"{path}: holds a {type(sample).__name__}, not a dict of arrays.")
+  missing = [k for k in ("doy",) + _GROUND_TRUTHS + features.BANDS if k not in sample]
+  if missing:
+    raise ValueError(f"{path}: missing keys {missing}.")
+  if np.ndim(sample["doy"]) != 1 or np.ndim(sample["labels"]) != 2:
+    raise ValueError(f"{path}: wrong shapes: doy {np.shape(sample['doy'])} (expected [T]), "
+                     f"labels {np.shape(sample['labels'])} (expected [H, W]).")
+  (num_dates,), (height, width) = np.shape(sample["doy"]), np.shape(sample["labels"])
+  want = {k: (height, width) for k in _GROUND_TRUTHS}
+  want.update({b: (num_dates, height // f, width // f) for b, f in _FACTOR.items()})
+  wrong = [f"{k} {np.shape(sample[k])} (expected {shape})"
+           for k, shape in want.items() if np.shape(sample[k]) != shape]
+  if height % 6 or width % 6:
+    wrong.append(f"labels {(height, width)} (expected multiples of 6 at 10 m)")
+  if wrong:
+    raise ValueError(f"{path}: wrong shapes: {', '.join(wrong)}.")
+  return height, width
+
+
+def _example(path: tfds.core.Path, label_map) -> dict[str, np.ndarray]:
+  """Reads one sample pickle into a `cscl_jax.features` example."""
+  try:
+    sample = pickle.loads(path.read_bytes(), encoding="latin1")
+  except FileNotFoundError as e:
+    raise ValueError(f"{path}: listed in the split file but missing.") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e}).") from e
+  height, width = _checked(path, sample)
+  bands = [np.asarray(sample[b], np.float64) for b in features.BANDS]
+  image = np.stack([resize_bilinear(x, height, width) if _FACTOR[b] > 1 else x
+                    for b, x in zip(features.BANDS, bands)], axis=-1)  # [T, H, W, 13]
+  codes, classes, unknown = label_map
+  raw = np.rint(sample["labels"]).astype(np.int64)
+  index = np.clip(np.searchsorted(codes, raw), 0, len(codes) - 1)
+  labels = np.where(codes[index] == raw, classes[index], unknown)
+  ambiguous = (np.asarray(sample["full_ass"]) != 0) | (np.asarray(sample["part_ass"]) != 0)
+  return {
+      "image": np.clip(np.rint(image), 0, 65535).astype(np.uint16),
+      "doy": np.asarray(sample["doy"]).astype(np.int32),
+      "labels": np.where(ambiguous, unknown, labels).astype(np.int32),
+      "parcel_ids": np.rint(sample["ids"]).astype(np.int32),
+  }
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """DatasetBuilder for T31TFM_1618 (France), from the manually downloaded folder."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  # One config, so that config.dataset.config = "default" fits every SITS dataset.
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(
+      name="default", description="Every date; 20 labels_20k2k classes, unknown = 20.")]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download T31TFM_1618.zip from the Google Drive link in the DeepSatModels data README
+  (https://github.com/michaeltrs/DeepSatModels/blob/main/data/README.md, "T31TFM_1618 dataset
+  (France)": https://drive.google.com/file/d/1aSYbTwqT8QxN07D8LxZTjhIpc2xfcF-K) and unzip it.
+  Pass the unzipped T31TFM_1618 folder as the manual dir (`--manual_dir=.../T31TFM_1618`, or
+  config.dataset.manual_dir), or put that folder inside `<data_dir>/downloads/manual/`. It must
+  hold paths/train_paths.csv and paths/eval_paths.csv (one pickle path a line, relative to the
+  folder) and the pickles, e.g. 2016/pkl_timeseries/<window>/<N>_<W>_2016.pickle.
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    """Returns the dataset metadata."""
+    codes, _, _ = _label_map()
+    return self.dataset_info_from_configs(
+        features=features.sits_features(),
+        supervised_keys=None,
+        homepage="https://github.com/michaeltrs/DeepSatModels",
+        metadata=tfds.core.MetadataDict(class_names=[_CODE_NAMES[c] for c in codes]),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    """Returns the generator of each split from the paths/*.csv files."""
+    root = dl_manager.manual_dir
+    if (root / "T31TFM_1618").exists():
+      root = root / "T31TFM_1618"
+    lists = {split: root / "paths" / name for split, name in _SPLIT_FILES.items()}
+    for path in lists.values():
+      if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the manual dir is not the T31TFM_1618 "
+                                f"folder.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    return {split: self._generate_examples(root, path) for split, path in lists.items()}
+
+  def _generate_examples(self, root: tfds.core.Path, split_file: tfds.core.Path):
+    """Yields (relative path, example) for each pickle listed in `split_file`."""
+    label_map = _label_map()
+    for line in split_file.read_text().splitlines():
+      relative = line.split(",")[0].strip()
+      if relative:
+        yield relative, _example(root / relative, label_map)
