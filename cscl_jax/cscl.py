@@ -19,11 +19,13 @@ This module imports nothing else of cscl_jax:
 """
 
 import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # F.normalize's guard: x / max(||x||, _EPS), computed as x * rsqrt(max(||x||², _EPS²)).
 _EPS = 1e-12
@@ -97,6 +99,74 @@ def _inv_norm(sq_norm: jax.Array) -> jax.Array:
   return jax.lax.rsqrt(jnp.maximum(sq_norm, _EPS * _EPS))
 
 
+def _unview(x: jax.Array, offset, padded_hw, kernel_size, stride, dilation) -> jax.Array:
+  """Transpose of `_view`: scatters x [B, H', W', ...] back into the padded grid."""
+  r = kernel_size // 2
+  top, left = (offset[0] + r) * dilation, (offset[1] + r) * dilation
+  config = [(0, 0, 0)]
+  for start, size, out in ((top, padded_hw[0], x.shape[1]), (left, padded_hw[1], x.shape[2])):
+    config.append((start, size - start - stride * (out - 1) - 1, stride - 1))
+  config += [(0, 0, 0)] * (x.ndim - 3)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+def _partial_dots(x: jax.Array, y: jax.Array, groups: int) -> jax.Array:
+  """Per-group dot products of [..., A] vectors, summed down to [..., G, w] partials.
+
+  A sum of w-wide channel chunks rather than a reduce, so that XLA fuses it with the
+  shifted key views into one elementwise loop instead of materialising each view.
+  """
+  per_group = x.shape[-1] // groups
+  width = math.gcd(per_group, 8)
+  width = width if width < per_group else per_group // 2
+  chunk = lambda v, j: v[..., j * width:(j + 1) * width]
+  per_chunk = per_group // width
+  return jnp.stack([
+      sum(chunk(x, j) * chunk(y, j) for j in range(g * per_chunk, (g + 1) * per_chunk))
+      for g in range(groups)], axis=-2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _window_dots(q: jax.Array, key: jax.Array, window) -> jax.Array:
+  """<q_g[p], key_g[p + o]> for every offset o and group g: [B, H', W', K, G].
+
+  q: strided queries [B, H', W', A]; key: the r·d-padded keys [B, Hp, Wp, A];
+  window: static (kernel_size, stride, dilation, groups). The hand-written VJP keeps
+  the backward pass to two fused sums over offsets as well.
+  """
+  kernel_size, stride, dilation, groups = window
+  view = functools.partial(_view, out_hw=q.shape[1:3], kernel_size=kernel_size,
+                           stride=stride, dilation=dilation)
+  partials = [_partial_dots(q, view(key, o), groups) for o in _offsets(kernel_size)]
+  return jnp.stack(partials, axis=-3).sum(axis=-1)  # [B, H', W', K, G, w] -> [.., K, G]
+
+
+def _window_dots_fwd(q, key, window):
+  return _window_dots(q, key, window), (q, key)
+
+
+def _window_dots_bwd(window, residuals, ct):  # ct [B, H', W', K, G]
+  kernel_size, stride, dilation, groups = window
+  q, key = residuals
+  geometry = dict(kernel_size=kernel_size, stride=stride, dilation=dilation)
+  offsets = _offsets(kernel_size)
+  # Each gradient is a sum over offsets, built per half group of channels and then
+  # concatenated: that keeps every sum one fused loop over q, key and ct (XLA CPU
+  # would otherwise hand the bare sum to a library kernel and materialise its terms).
+  half = q.shape[-1] // groups // 2
+  d_q, d_key = [], []
+  for part in range(2 * groups):
+    chunk, g = slice(part * half, (part + 1) * half), part // 2
+    d_q.append(sum(ct[..., i, g, None] * _view(key[..., chunk], o, q.shape[1:3], **geometry)
+                   for i, o in enumerate(offsets)))
+    d_key.append(sum(_unview(ct[..., i, g, None] * q[..., chunk], o, key.shape[1:3], **geometry)
+                     for i, o in enumerate(offsets)))
+  return jnp.concatenate(d_q, axis=-1), jnp.concatenate(d_key, axis=-1)
+
+
+_window_dots.defvjp(_window_dots_fwd, _window_dots_bwd)
+
+
 def relative_embedding(rel_h: jax.Array, rel_w: jax.Array) -> jax.Array:
   """rel(a, b) = concat(rel_h[:, a + r], rel_w[:, b + r]) for every offset: [K, A]."""
   half, k = rel_h.shape
@@ -134,29 +204,31 @@ def context_self_similarity(q: jax.Array, key: jax.Array, rel_h: jax.Array,
   dtype = jnp.promote_types(q.dtype, jnp.float32)  # reductions at >= float32
   batch, height, width, attn = q.shape
   out_hw = (_output_size(height, stride), _output_size(width, stride))
-  grouped = lambda x: x.reshape(x.shape[:-1] + (groups, attn // groups))
-
-  q = grouped(q[:, ::stride, ::stride].astype(dtype))  # [B, H', W', G, A/G]
-  if norm_emb:
-    q = q * _inv_norm(jnp.sum(q * q, axis=-1, keepdims=True))
-  key = grouped(_pad(key.astype(dtype), kernel_size, dilation))  # [B, Hp, Wp, G, A/G]
-  rel = grouped(relative_embedding(rel_h, rel_w).astype(dtype))  # [K, G, A/G]
-  q_rel = jnp.einsum("bhwgc,kgc->bhwgk", q, rel)  # [B, H', W', G, K]
-  if norm_emb:
-    key_sq = jnp.sum(key * key, axis=-1)  # [B, Hp, Wp, G]
-    key_rel = jnp.einsum("bhwgc,kgc->bhwgk", key, rel)  # [B, Hp, Wp, G, K]
-    rel_sq = jnp.sum(rel * rel, axis=-1)  # [K, G]
-
   view = functools.partial(_view, out_hw=out_hw, kernel_size=kernel_size, stride=stride,
                            dilation=dilation)
-  sims = []
-  for o, offset in enumerate(_offsets(kernel_size)):
-    dot = jnp.sum(q * view(key, offset), axis=-1) + q_rel[..., o]  # [B, H', W', G]
-    if norm_emb:  # |key + rel|² = |key|² + 2 key·rel + |rel|²
-      sq_norm = view(key_sq, offset) + 2 * view(key_rel[..., o], offset) + rel_sq[o]
-      dot = dot * _inv_norm(sq_norm)
-    sims.append(jnp.sum(dot, axis=-1))  # [B, H', W']
-  sim = jnp.stack(sims, axis=-1).reshape(batch, *out_hw, kernel_size, kernel_size)
+  offsets = _offsets(kernel_size)
+
+  q = q[:, ::stride, ::stride].astype(dtype)  # [B, H', W', A]
+  key = _pad(key.astype(dtype), kernel_size, dilation)  # [B, Hp, Wp, A]
+  rel = relative_embedding(rel_h, rel_w).astype(dtype)  # [K, A]
+  # rel as a [A, K * G] matrix that also splits the dot products by group.
+  group_of = np.arange(attn) // (attn // groups)  # [A]
+  in_group = jnp.asarray(group_of[:, None] == np.arange(groups), dtype)  # [A, G]
+  rel_by_group = (rel.T[:, :, None] * in_group[:, None, :]).reshape(attn, -1)
+  group_sum = lambda x: x.reshape(x.shape[:-1] + (groups, -1)).sum(axis=-1)
+  by_offset = lambda x: x.reshape(x.shape[:-1] + (len(offsets), groups))
+  # <q, key + rel> per offset and group: [B, H', W', K, G].
+  sim = (_window_dots(q, key, (kernel_size, stride, dilation, groups))
+         + by_offset(q @ rel_by_group))
+  if norm_emb:  # |key + rel|² = |key|² + 2 key·rel + |rel|², all small [.., K, G] terms
+    key_sq = group_sum(key * key)  # [B, Hp, Wp, G]
+    key_rel = by_offset(key @ rel_by_group)  # [B, Hp, Wp, K, G]
+    neighbour_sq = jnp.stack(
+        [view(key_sq, o) + 2 * view(key_rel[..., i, :], o) for i, o in enumerate(offsets)],
+        axis=-2) + (rel * rel) @ in_group  # [B, H', W', K, G]
+    q_sq = group_sum(q * q)[..., None, :]  # [B, H', W', 1, G]
+    sim = sim * _inv_norm(q_sq) * _inv_norm(neighbour_sq)
+  sim = jnp.sum(sim, axis=-1).reshape(batch, *out_hw, kernel_size, kernel_size)
   return jax.nn.sigmoid(sim) if sigmoid else sim
 
 
