@@ -99,13 +99,12 @@ def _inv_norm(sq_norm: jax.Array) -> jax.Array:
   return jax.lax.rsqrt(jnp.maximum(sq_norm, _EPS * _EPS))
 
 
-def _unview(x: jax.Array, offset, padded_hw, kernel_size, stride, dilation) -> jax.Array:
-  """Transpose of `_view`: scatters x [B, H', W', ...] back into the padded grid."""
-  r = kernel_size // 2
-  top, left = (offset[0] + r) * dilation, (offset[1] + r) * dilation
+def _unview(x: jax.Array, offset, hw, stride, dilation) -> jax.Array:
+  """Transpose of `_view` cropped to the image: [B, H', W', ...] -> [B, H, W, ...]."""
   config = [(0, 0, 0)]
-  for start, size, out in ((top, padded_hw[0], x.shape[1]), (left, padded_hw[1], x.shape[2])):
-    config.append((start, size - start - stride * (out - 1) - 1, stride - 1))
+  for a, size, out in ((offset[0], hw[0], x.shape[1]), (offset[1], hw[1], x.shape[2])):
+    low = a * dilation  # where output row 0 reads from, in image coordinates
+    config.append((low, size - low - stride * (out - 1) - 1, stride - 1))  # may crop (< 0)
   config += [(0, 0, 0)] * (x.ndim - 3)
   return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
 
@@ -130,13 +129,13 @@ def _partial_dots(x: jax.Array, y: jax.Array, groups: int) -> jax.Array:
 def _window_dots(q: jax.Array, key: jax.Array, window) -> jax.Array:
   """<q_g[p], key_g[p + o]> for every offset o and group g: [B, H', W', K, G].
 
-  q: strided queries [B, H', W', A]; key: the r·d-padded keys [B, Hp, Wp, A];
-  window: static (kernel_size, stride, dilation, groups). The hand-written VJP keeps
+  q: strided queries [B, H', W', A]; key: keys [B, H, W, A]; window: static (kernel_size, stride, dilation, groups). The hand-written VJP keeps
   the backward pass to two fused sums over offsets as well.
   """
   kernel_size, stride, dilation, groups = window
   view = functools.partial(_view, out_hw=q.shape[1:3], kernel_size=kernel_size,
                            stride=stride, dilation=dilation)
+  key = _pad(key, kernel_size, dilation)  # [B, Hp, Wp, A]
   partials = [_partial_dots(q, view(key, o), groups) for o in _offsets(kernel_size)]
   return jnp.stack(partials, axis=-3).sum(axis=-1)  # [B, H', W', K, G, w] -> [.., K, G]
 
@@ -157,10 +156,11 @@ def _window_dots_bwd(window, residuals, ct):  # ct [B, H', W', K, G]
   d_q, d_key = [], []
   for part in range(2 * groups):
     chunk, g = slice(part * half, (part + 1) * half), part // 2
-    d_q.append(sum(ct[..., i, g, None] * _view(key[..., chunk], o, q.shape[1:3], **geometry)
+    key_part = _pad(key[..., chunk], kernel_size, dilation)
+    d_q.append(sum(ct[..., i, g, None] * _view(key_part, o, q.shape[1:3], **geometry)
                    for i, o in enumerate(offsets)))
-    d_key.append(sum(_unview(ct[..., i, g, None] * q[..., chunk], o, key.shape[1:3], **geometry)
-                     for i, o in enumerate(offsets)))
+    d_key.append(sum(_unview(ct[..., i, g, None] * q[..., chunk], o, key.shape[1:3],
+                             stride, dilation) for i, o in enumerate(offsets)))
   return jnp.concatenate(d_q, axis=-1), jnp.concatenate(d_key, axis=-1)
 
 
@@ -209,7 +209,7 @@ def context_self_similarity(q: jax.Array, key: jax.Array, rel_h: jax.Array,
   offsets = _offsets(kernel_size)
 
   q = q[:, ::stride, ::stride].astype(dtype)  # [B, H', W', A]
-  key = _pad(key.astype(dtype), kernel_size, dilation)  # [B, Hp, Wp, A]
+  key = key.astype(dtype)
   rel = relative_embedding(rel_h, rel_w).astype(dtype)  # [K, A]
   # rel as a [A, K * G] matrix that also splits the dot products by group.
   group_of = np.arange(attn) // (attn // groups)  # [A]
@@ -221,8 +221,9 @@ def context_self_similarity(q: jax.Array, key: jax.Array, rel_h: jax.Array,
   sim = (_window_dots(q, key, (kernel_size, stride, dilation, groups))
          + by_offset(q @ rel_by_group))
   if norm_emb:  # |key + rel|² = |key|² + 2 key·rel + |rel|², all small [.., K, G] terms
-    key_sq = group_sum(key * key)  # [B, Hp, Wp, G]
-    key_rel = by_offset(key @ rel_by_group)  # [B, Hp, Wp, K, G]
+    pad = functools.partial(_pad, kernel_size=kernel_size, dilation=dilation)
+    key_sq = pad(group_sum(key * key))  # [B, Hp, Wp, G]
+    key_rel = pad(by_offset(key @ rel_by_group))  # [B, Hp, Wp, K, G]
     neighbour_sq = jnp.stack(
         [view(key_sq, o) + 2 * view(key_rel[..., i, :], o) for i, o in enumerate(offsets)],
         axis=-2) + (rel * rel) @ in_group  # [B, H', W', K, G]
