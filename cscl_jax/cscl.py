@@ -125,46 +125,102 @@ def _partial_dots(x: jax.Array, y: jax.Array, groups: int) -> jax.Array:
       for g in range(groups)], axis=-2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _window_dots(q: jax.Array, key: jax.Array, window) -> jax.Array:
-  """<q_g[p], key_g[p + o]> for every offset o and group g: [B, H', W', K, G].
+def _group_matrix(attn: int, groups: int, dtype) -> jax.Array:
+  """One-hot [A, G]: which group each channel belongs to."""
+  return jnp.asarray(np.arange(attn)[:, None] // (attn // groups) == np.arange(groups), dtype)
 
-  q: strided queries [B, H', W', A]; key: keys [B, H, W, A]; window: static (kernel_size, stride, dilation, groups). The hand-written VJP keeps
-  the backward pass to two fused sums over offsets as well.
+
+def _group_sum(x: jax.Array, groups: int) -> jax.Array:
+  return x.reshape(x.shape[:-1] + (groups, -1)).sum(axis=-1)  # [..., A] -> [..., G]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _neighbourhood(q: jax.Array, key: jax.Array, rel: jax.Array, window) -> tuple:
+  """Per-offset, per-group inner products that the similarity is made of.
+
+  Args:
+    q: strided queries [B, H', W', A].
+    key: keys [B, H, W, A] (zero outside the image).
+    rel: relative embedding per offset [K, A].
+    window: static (kernel_size, stride, dilation, groups, norm_emb).
+
+  Returns:
+    (dots,) or, with norm_emb, (dots, neighbour_sq, q_sq): dots = <q, key[p + o] + rel_o>
+    and neighbour_sq = |key[p + o] + rel_o|², both [B, H', W', K, G], and q_sq = |q|²
+    [B, H', W', G], per group. |key + rel|² is expanded into |key|² + 2 key·rel + |rel|²,
+    so only the q·key products read K shifted key views; they are written as sums of
+    channel chunks, which XLA fuses into one loop per offset without copying the views.
+    The hand-written VJP likewise builds each gradient as one fused sum over offsets.
   """
-  kernel_size, stride, dilation, groups = window
+  kernel_size, stride, dilation, groups, norm_emb = window
+  offsets = _offsets(kernel_size)
+  in_group = _group_matrix(q.shape[-1], groups, q.dtype)  # [A, G]
+  rel_by_group = (rel.T[:, :, None] * in_group[:, None, :]).reshape(q.shape[-1], -1)
+  by_offset = lambda x: x.reshape(x.shape[:-1] + (len(offsets), groups))
   view = functools.partial(_view, out_hw=q.shape[1:3], kernel_size=kernel_size,
                            stride=stride, dilation=dilation)
-  key = _pad(key, kernel_size, dilation)  # [B, Hp, Wp, A]
-  partials = [_partial_dots(q, view(key, o), groups) for o in _offsets(kernel_size)]
-  return jnp.stack(partials, axis=-3).sum(axis=-1)  # [B, H', W', K, G, w] -> [.., K, G]
+  pad = functools.partial(_pad, kernel_size=kernel_size, dilation=dilation)
+  padded = pad(key)  # [B, Hp, Wp, A]
+  dots = jnp.stack([_partial_dots(q, view(padded, o), groups) for o in offsets],
+                   axis=-3).sum(axis=-1) + by_offset(q @ rel_by_group)  # [B, H', W', K, G]
+  if not norm_emb:
+    return (dots,)
+  key_sq = pad(_group_sum(key * key, groups))  # [B, Hp, Wp, G]
+  key_rel = pad(by_offset(key @ rel_by_group))  # [B, Hp, Wp, K, G]
+  neighbour_sq = jnp.stack(
+      [view(key_sq, o) + 2 * view(key_rel[..., i, :], o) for i, o in enumerate(offsets)],
+      axis=-2) + (rel * rel) @ in_group  # [B, H', W', K, G]
+  return dots, neighbour_sq, _group_sum(q * q, groups)
 
 
-def _window_dots_fwd(q, key, window):
-  return _window_dots(q, key, window), (q, key)
+def _neighbourhood_fwd(q, key, rel, window):
+  return _neighbourhood(q, key, rel, window), (q, key, rel)
 
 
-def _window_dots_bwd(window, residuals, ct):  # ct [B, H', W', K, G]
-  kernel_size, stride, dilation, groups = window
-  q, key = residuals
-  geometry = dict(kernel_size=kernel_size, stride=stride, dilation=dilation)
+def _neighbourhood_bwd(window, residuals, cts):
+  kernel_size, stride, dilation, groups, norm_emb = window
+  q, key, rel = residuals
   offsets = _offsets(kernel_size)
+  view = functools.partial(_view, out_hw=q.shape[1:3], kernel_size=kernel_size,
+                           stride=stride, dilation=dilation)
+  unview = functools.partial(_unview, hw=key.shape[1:3], stride=stride, dilation=dilation)
+  ct_dot = cts[0]  # [B, H', W', K, G]
+  if norm_emb:  # ct_key_sq: the neighbour_sq cotangent moved to the key pixels
+    ct_q_sq = cts[2]  # [B, H', W', G]
+    ct_key_sq = jnp.stack([unview(cts[1][..., i, :], o) for i, o in enumerate(offsets)],
+                          axis=-2)  # [B, H, W, K, G]
   # Each gradient is a sum over offsets, built per half group of channels and then
-  # concatenated: that keeps every sum one fused loop over q, key and ct (XLA CPU
-  # would otherwise hand the bare sum to a library kernel and materialise its terms).
+  # concatenated: that keeps every sum one fused loop over q, key and the cotangents
+  # (XLA CPU would otherwise hand a bare sum to a library kernel and copy its terms).
   half = q.shape[-1] // groups // 2
   d_q, d_key = [], []
   for part in range(2 * groups):
     chunk, g = slice(part * half, (part + 1) * half), part // 2
-    key_part = _pad(key[..., chunk], kernel_size, dilation)
-    d_q.append(sum(ct[..., i, g, None] * _view(key_part, o, q.shape[1:3], **geometry)
-                   for i, o in enumerate(offsets)))
-    d_key.append(sum(_unview(ct[..., i, g, None] * q[..., chunk], o, key.shape[1:3],
-                             stride, dilation) for i, o in enumerate(offsets)))
-  return jnp.concatenate(d_q, axis=-1), jnp.concatenate(d_key, axis=-1)
+    q_part, key_part, rel_part = q[..., chunk], key[..., chunk], rel[:, chunk]
+    padded = _pad(key_part, kernel_size, dilation)
+    d_q_part = sum(ct_dot[..., i, g, None] * (view(padded, o) + rel_part[i])
+                   for i, o in enumerate(offsets))
+    d_key_part = sum(unview(ct_dot[..., i, g, None] * q_part, o)
+                     for i, o in enumerate(offsets))
+    if norm_emb:
+      d_q_part += 2 * ct_q_sq[..., g, None] * q_part
+      d_key_part += sum(2 * ct_key_sq[..., i, g, None] * (key_part + rel_part[i])
+                        for i in range(len(offsets)))
+    d_q.append(d_q_part)
+    d_key.append(d_key_part)
+  # d rel_o: the same terms summed over pixels, as [K * G, A] matmuls.
+  per_pixel = lambda x: x.reshape(-1, x.shape[-1]) if x.ndim == 4 else x.reshape(
+      -1, x.shape[-2] * x.shape[-1])
+  d_rel = per_pixel(ct_dot).T @ per_pixel(q)  # [K * G, A]
+  if norm_emb:  # rel_o also counts where the neighbour is outside the image
+    d_rel += 2 * (per_pixel(ct_key_sq).T @ per_pixel(key) + per_pixel(cts[1]).sum(
+        axis=0)[:, None] * jnp.repeat(rel, groups, axis=0))
+  in_group = _group_matrix(q.shape[-1], groups, q.dtype)  # [A, G]
+  d_rel = jnp.einsum("kga,ag->ka", d_rel.reshape(len(offsets), groups, -1), in_group)
+  return jnp.concatenate(d_q, axis=-1), jnp.concatenate(d_key, axis=-1), d_rel
 
 
-_window_dots.defvjp(_window_dots_fwd, _window_dots_bwd)
+_neighbourhood.defvjp(_neighbourhood_fwd, _neighbourhood_bwd)
 
 
 def relative_embedding(rel_h: jax.Array, rel_w: jax.Array) -> jax.Array:
@@ -204,31 +260,14 @@ def context_self_similarity(q: jax.Array, key: jax.Array, rel_h: jax.Array,
   dtype = jnp.promote_types(q.dtype, jnp.float32)  # reductions at >= float32
   batch, height, width, attn = q.shape
   out_hw = (_output_size(height, stride), _output_size(width, stride))
-  view = functools.partial(_view, out_hw=out_hw, kernel_size=kernel_size, stride=stride,
-                           dilation=dilation)
-  offsets = _offsets(kernel_size)
-
   q = q[:, ::stride, ::stride].astype(dtype)  # [B, H', W', A]
-  key = key.astype(dtype)
   rel = relative_embedding(rel_h, rel_w).astype(dtype)  # [K, A]
-  # rel as a [A, K * G] matrix that also splits the dot products by group.
-  group_of = np.arange(attn) // (attn // groups)  # [A]
-  in_group = jnp.asarray(group_of[:, None] == np.arange(groups), dtype)  # [A, G]
-  rel_by_group = (rel.T[:, :, None] * in_group[:, None, :]).reshape(attn, -1)
-  group_sum = lambda x: x.reshape(x.shape[:-1] + (groups, -1)).sum(axis=-1)
-  by_offset = lambda x: x.reshape(x.shape[:-1] + (len(offsets), groups))
-  # <q, key + rel> per offset and group: [B, H', W', K, G].
-  sim = (_window_dots(q, key, (kernel_size, stride, dilation, groups))
-         + by_offset(q @ rel_by_group))
-  if norm_emb:  # |key + rel|² = |key|² + 2 key·rel + |rel|², all small [.., K, G] terms
-    pad = functools.partial(_pad, kernel_size=kernel_size, dilation=dilation)
-    key_sq = pad(group_sum(key * key))  # [B, Hp, Wp, G]
-    key_rel = pad(by_offset(key @ rel_by_group))  # [B, Hp, Wp, K, G]
-    neighbour_sq = jnp.stack(
-        [view(key_sq, o) + 2 * view(key_rel[..., i, :], o) for i, o in enumerate(offsets)],
-        axis=-2) + (rel * rel) @ in_group  # [B, H', W', K, G]
-    q_sq = group_sum(q * q)[..., None, :]  # [B, H', W', 1, G]
-    sim = sim * _inv_norm(q_sq) * _inv_norm(neighbour_sq)
+  window = (kernel_size, stride, dilation, groups, norm_emb)
+  terms = _neighbourhood(q, key.astype(dtype), rel, window)
+  sim = terms[0]  # <q, key + rel> per offset and group: [B, H', W', K, G]
+  if norm_emb:
+    _, neighbour_sq, q_sq = terms
+    sim = sim * _inv_norm(q_sq)[..., None, :] * _inv_norm(neighbour_sq)
   sim = jnp.sum(sim, axis=-1).reshape(batch, *out_hw, kernel_size, kernel_size)
   return jax.nn.sigmoid(sim) if sigmoid else sim
 
