@@ -4,7 +4,9 @@ Every dataset follows `cscl_jax.features`. An example becomes, as in the referen
 pre-processing (SPEC.md §4):
 
   inputs  float32 [T, S, S, 14]  the 13 bands x REFLECTANCE_SCALE, then doy / DOY_SCALE; the time
-                                 axis cut to its first T = max_seq_len dates or zero-padded;
+                                 axis cut to T = max_seq_len dates (config.dataset.time_sampling:
+                                 "first": the first T, as the reference; "even": T spread evenly
+                                 over the season) or zero-padded;
                                  S = img_res, a random crop for training, the centre for eval.
   labels  int32   [S, S]         class index, num_classes = unknown.
   valid   bool    [S, S]         labels != num_classes.
@@ -37,6 +39,7 @@ from tfds_builders import t31tfm_1618
 
 # TFDS dataset name -> package of its builder (importing the package registers the builder).
 _BUILDERS = {"sits_synthetic": sits_synthetic, "t31tfm_1618": t31tfm_1618}
+_TIME_SAMPLINGS = ("first", "even")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,9 @@ def _info_and_check(config, builder) -> SitsInfo:
                     f"images of {d.name}/{d.config}")
   if d.max_seq_len < 1:
     problems.append(f"config.model.max_seq_len={d.max_seq_len} must be >= 1")
+  if d.time_sampling not in _TIME_SAMPLINGS:
+    problems.append(f"config.dataset.time_sampling={d.time_sampling!r} must be one of "
+                    f"{_TIME_SAMPLINGS}")
   if problems:
     raise ValueError(f"The config does not fit {d.name}/{d.config}:\n  " + "\n  ".join(problems))
   return info
@@ -134,6 +140,17 @@ def _batch_shape(config) -> tuple[int, int]:
   return devices, config.batch_size // processes // devices
 
 
+def _time_indices(num_dates: tf.Tensor, max_len: int, sampling: str) -> tf.Tensor:
+  """Dates to keep, at most max_len: the first ones, or spread evenly over all of them."""
+  kept = tf.minimum(num_dates, max_len)
+  steps = tf.range(kept)  # [t]
+  if sampling == "first":
+    return steps
+  # round(i * (num_dates - 1) / (kept - 1)), half up, in exact integer arithmetic.
+  span = tf.maximum(kept - 1, 1)
+  return (2 * steps * (num_dates - 1) + span) // (2 * span)
+
+
 def _maybe_flip(x, flip, axis):
   return tf.where(flip, tf.reverse(x, [axis]), x)
 
@@ -144,7 +161,7 @@ def preprocess(example: dict[str, tf.Tensor], config: ml_collections.ConfigDict,
 
   Args:
     example: "image" uint16 [T, H, W, 13], "doy" int32 [T], "labels" int32 [H, W].
-    config: uses config.dataset.{img_res, max_seq_len, num_classes}.
+    config: uses config.dataset.{img_res, max_seq_len, time_sampling, num_classes}.
     seed: int64 [2] stateless seed: random crop and flips (training); None: centre crop.
   """
   size, max_len = config.dataset.img_res, config.dataset.max_seq_len
@@ -158,8 +175,9 @@ def preprocess(example: dict[str, tf.Tensor], config: ml_collections.ConfigDict,
     seeds = tf.random.experimental.stateless_split(seed, 3)
     top = tf.random.stateless_uniform([], seeds[0], 0, height - size + 1, dtype=tf.int32)
     left = tf.random.stateless_uniform([], seeds[1], 0, width - size + 1, dtype=tf.int32)
-  image = example["image"][:max_len, top:top + size, left:left + size]  # [t, S, S, 13]
-  doy = tf.cast(example["doy"][:max_len], tf.float32) / features.DOY_SCALE  # [t]
+  dates = _time_indices(tf.shape(example["doy"])[0], max_len, config.dataset.time_sampling)
+  image = tf.gather(example["image"][:, top:top + size, left:left + size], dates)  # [t, S, S, 13]
+  doy = tf.cast(tf.gather(example["doy"], dates), tf.float32) / features.DOY_SCALE  # [t]
   labels = labels[top:top + size, left:left + size]
   doy = tf.broadcast_to(doy[:, None, None, None], [tf.shape(doy)[0], size, size, 1])
   inputs = tf.concat([tf.cast(image, tf.float32) * features.REFLECTANCE_SCALE, doy], -1)

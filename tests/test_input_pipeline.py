@@ -45,10 +45,14 @@ def _take(config, split, n, **kwargs):
   return list(itertools.islice(input_pipeline.create_split(config, split, **kwargs), n))
 
 
-def _reference(example, size, max_len, top, left):
+def _reference(example, size, max_len, top, left, sampling="first"):
   """Numpy version of the pre-processing of one example at crop (top, left), no flips."""
-  image = example["image"][:max_len, top:top + size, left:left + size].astype(np.float64)
-  doy = np.broadcast_to(example["doy"][:max_len, None, None, None] / 365.0001,
+  num_dates = len(example["doy"])
+  dates = np.arange(min(num_dates, max_len))
+  if sampling == "even":  # spread over the season, rounded half up
+    dates = np.floor(np.linspace(0, num_dates - 1, len(dates)) + 0.5).astype(int)
+  image = example["image"][dates, top:top + size, left:left + size].astype(np.float64)
+  doy = np.broadcast_to(example["doy"][dates, None, None, None] / 365.0001,
                         image.shape[:3] + (1,))
   inputs = np.zeros((max_len, size, size, 14))
   inputs[:image.shape[0]] = np.concatenate([image * 1e-4, doy], -1)
@@ -73,15 +77,16 @@ def test_dataset_info(data_dir):
   assert info.image_size == (24, 24)
 
 
-@pytest.mark.parametrize("max_len", [40, 12])  # zero-padded (T <= 40) and cut
-def test_eval_batches_match_numpy_reference(data_dir, raw, max_len):
-  config = _config(data_dir, max_seq_len=max_len)
+@pytest.mark.parametrize("max_len,sampling", [(40, "first"), (12, "first"), (12, "even")])
+def test_eval_batches_match_numpy_reference(data_dir, raw, max_len, sampling):
+  config = _config(data_dir, max_seq_len=max_len)  # 40: zero-padded (T <= 40); 12: cut
+  config.dataset.time_sampling = sampling
   batches = list(input_pipeline.create_split(config, "validation", train=False))
   assert len(batches) == 1  # 8 examples, one batch of 8 devices x 1, then it ends
   assert batches[0]["inputs"].shape == (8, 1, max_len, 16, 16, 14)
   assert batches[0]["inputs"].dtype == np.float32 and batches[0]["labels"].dtype == np.int32
   for got, example in zip(_examples(batches), raw["validation"]):
-    inputs, labels = _reference(example, 16, max_len, 4, 4)  # centre of 24x24
+    inputs, labels = _reference(example, 16, max_len, 4, 4, sampling)  # centre of 24x24
     np.testing.assert_allclose(got["inputs"], inputs, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(got["labels"], labels)
     np.testing.assert_array_equal(got["valid"], labels != 12)
@@ -170,6 +175,7 @@ def test_bad_split_batch_and_name(data_dir):
 def test_t31tfm_1618_from_a_manual_folder(tmp_path):
   config = _config(tmp_path / "tfds", num_classes=20, img_res=48, max_seq_len=16)
   config.dataset.name, config.dataset.config = "t31tfm_1618", "default"
+  config.dataset.time_sampling = "first"  # the reference's cut
   config.dataset.manual_dir = str(fake_data.write(tmp_path / "T31TFM_1618", num_train=8,
                                                   num_eval=8))
   info = input_pipeline.dataset_info(config)  # builds it
