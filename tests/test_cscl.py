@@ -15,6 +15,9 @@ from jax.test_util import check_grads
 from cscl_jax import cscl
 
 WINDOWS = list(itertools.product((3, 5), (1, 2, 3), (1, 2)))  # (k, stride, dilation)
+# Tiny arrays: compilation dominates, so skip XLA's backend optimisations (half the time).
+quick_jit = functools.partial(jax.jit,
+                              compiler_options={"xla_backend_optimization_level": 0})
 
 
 # ----------------------------------------------------------------------------------------
@@ -83,7 +86,7 @@ def test_similarity_matches_numpy_loops(k, stride, dilation):
   variants = list(itertools.product((1, 2), (True, False)))  # (groups, norm_emb)
   window = dict(kernel_size=k, stride=stride, dilation=dilation)
   # One compilation per window: jit is much faster than eager for the offset loop.
-  all_variants = jax.jit(lambda *a: [cscl.context_self_similarity(
+  all_variants = quick_jit(lambda *a: [cscl.context_self_similarity(
       *a, groups=g, norm_emb=n, **window) for g, n in variants])
   for (groups, norm_emb), got in zip(variants, all_variants(*args)):
     want = np_similarity(*args, k, stride, dilation, groups, norm_emb)
@@ -94,13 +97,14 @@ def test_similarity_matches_numpy_loops(k, stride, dilation):
 
 def test_similarity_sigmoid_and_zero_neighbour():
   q, key, rel_h, rel_w = random_inputs(1)
-  fn = jax.jit(cscl.context_self_similarity, static_argnames=("kernel_size", "sigmoid"))
+  fn = quick_jit(cscl.context_self_similarity, static_argnames=("kernel_size", "sigmoid"))
   got = fn(q, key, rel_h, rel_w, kernel_size=3, sigmoid=True)
   want = np_similarity(q, key, rel_h, rel_w, 3, 1, 1, 1, True, sigmoid=True)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # Zero rel: out-of-image neighbours are zero vectors, normalised to zero (not NaN).
   zero = np.zeros_like(rel_h)
-  got, grads = jax.value_and_grad(lambda k_: fn(q, k_, zero, zero, kernel_size=3).sum())(key)
+  got, grads = quick_jit(jax.value_and_grad(lambda k_: cscl.context_self_similarity(
+      q, k_, zero, zero, kernel_size=3).sum()))(key)
   np.testing.assert_allclose(got, np_similarity(q, key, zero, zero, 3, 1, 1, 1, True).sum(),
                              rtol=1e-5)
   assert np.isfinite(grads).all()
@@ -120,9 +124,9 @@ def test_similarity_gradients(norm_emb, groups, stride):
 def test_bfloat16_projections_reduce_in_float32():
   emb = jax.random.normal(jax.random.key(0), (1, 6, 6, 16))
   head = functools.partial(cscl.ContextSelfSimilarity, attn_channels=16, kernel_size=3)
-  variables = head().init(jax.random.key(1), emb)
-  full = jax.jit(head().apply)(variables, emb)
-  half = jax.jit(head(dtype=jnp.bfloat16).apply)(variables, emb)
+  variables = quick_jit(head().init)(jax.random.key(1), emb)
+  full = quick_jit(head().apply)(variables, emb)
+  half = quick_jit(head(dtype=jnp.bfloat16).apply)(variables, emb)
   assert half.dtype == jnp.float32
   np.testing.assert_allclose(half, full, atol=3e-2)
 
@@ -236,8 +240,9 @@ def test_no_intermediate_of_size_bhwak2(k, stride, groups, norm_emb):
 
 def test_vmap_matches_loop():
   q, key, rel_h, rel_w = random_inputs(5, shape=(3, 2, 5, 6, 8))
-  fn = jax.jit(functools.partial(cscl.context_self_similarity, kernel_size=3, stride=2))
-  got = jax.jit(jax.vmap(fn, in_axes=(0, 0, None, None)))(q, key, rel_h, rel_w)
+  fn = functools.partial(cscl.context_self_similarity, kernel_size=3, stride=2)
+  got = quick_jit(jax.vmap(fn, in_axes=(0, 0, None, None)))(q, key, rel_h, rel_w)
+  fn = quick_jit(fn)
   for n in range(3):
     np.testing.assert_allclose(got[n], fn(q[n], key[n], rel_h, rel_w), rtol=1e-5,
                                atol=1e-6)
@@ -263,7 +268,7 @@ def test_pmap_matches_single_device():
   shard = lambda x: x.reshape((devices, -1) + x.shape[1:])
   loss, grads = jax.pmap(per_device, axis_name="batch", in_axes=(None, 0, 0))(
       params, shard(emb), shard(labels))
-  want_loss, want_grads = jax.jit(jax.value_and_grad(loss_fn))(params, emb, labels)
+  want_loss, want_grads = quick_jit(jax.value_and_grad(loss_fn))(params, emb, labels)
   np.testing.assert_allclose(loss, np.full(devices, want_loss), rtol=1e-5)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g[0], w, rtol=1e-4, atol=1e-6),
                grads, want_grads)
