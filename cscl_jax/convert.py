@@ -63,8 +63,10 @@ def torch_kernel(weight: np.ndarray) -> np.ndarray:
 _KINDS = {
     "copy": (lambda s: s, lambda a, s: a[0]),
     "kernel": (lambda s: (s[-1], s[-2], *s[:-2]), lambda a, s: torch_kernel(a[0])),
-    "conv1x1": (lambda s: (s[1], s[0], 1, 1), lambda a, s: torch_kernel(a[0][:, :, 0, 0])),
-    "linear_as_conv1x1": (lambda s: (s[-1], s[-2]), lambda a, s: torch_kernel(a[0]).reshape(s)),
+    "conv1x1": (lambda s: (s[1], s[0], 1, 1),
+                lambda a, s: torch_kernel(a[0][:, :, 0, 0])),
+    "linear_as_conv1x1": (lambda s: (s[-1], s[-2]),
+                          lambda a, s: torch_kernel(a[0]).reshape(s)),
     "rel_h": (lambda s: (s[0], 1, 1, s[1], 1), lambda a, s: a[0].reshape(s)),
     "rel_w": (lambda s: (s[0], 1, 1, 1, s[1]), lambda a, s: a[0].reshape(s)),
     "per_step": (lambda s: s[1:], lambda a, s: np.stack(a)),
@@ -77,7 +79,7 @@ def _conv(path: tuple, name: str) -> list:
 
 
 def _norm(path: tuple, name: str, *, running: bool = True) -> list:
-  """GroupNorm (running=False) or BatchNorm; BatchNorm's step counter is dropped."""
+  """GroupNorm (running=False) or BatchNorm, whose step counter is dropped."""
   entries = [(("params", *path, "scale"), name + ".weight", "copy"),
              (("params", *path, "bias"), name + ".bias", "copy")]
   if running:
@@ -87,16 +89,17 @@ def _norm(path: tuple, name: str, *, running: bool = True) -> list:
   return entries
 
 
-def _conv_norm(path: tuple, i: int, name: str, index: int, *, running: bool = True) -> list:
-  """conv{i} and norm{i} of a models.layers.ConvBlock from `name`.{index} and .{index + 1}."""
+def _conv_norm(path: tuple, i: int, name: str, index: int, *,
+               running: bool = True) -> list:
+  """conv{i} and norm{i} of a ConvBlock at `path` from `name`.{index} and .{index + 1}."""
   return (_conv((*path, f"conv{i}"), f"{name}.{index}")
           + _norm((*path, f"norm{i}"), f"{name}.{index + 1}", running=running))
 
 
 def _block(path: tuple, name: str, num_convs: int = 2, *, running: bool = True) -> list:
   """A ConvBlock from nn.Sequential(conv, norm, LeakyReLU, conv, norm, LeakyReLU, ...)."""
-  return [e for i in range(num_convs) for e in _conv_norm(path, i, name, 3 * i,
-                                                          running=running)]
+  return [entry for i in range(num_convs)
+          for entry in _conv_norm(path, i, name, 3 * i, running=running)]
 
 
 def _unet3d_entries(p: str) -> list:
@@ -107,13 +110,15 @@ def _unet3d_entries(p: str) -> list:
           + _conv_norm((*e, "center"), 1, p + "center_out", 0)
           + _conv((*e, "center_up"), p + "center_out.3")
           + _block((*e, "dc4"), p + "dc4")
-          + _conv((*e, "trans3"), p + "trans3.0") + _norm((*e, "trans3_norm"), p + "trans3.1")
-          + _block((*e, "dc3"), p + "dc3") + _conv((*e, "final"), p + "final")
+          + _conv((*e, "trans3"), p + "trans3.0")
+          + _norm((*e, "trans3_norm"), p + "trans3.1")
+          + _block((*e, "dc3"), p + "dc3")
+          + _conv((*e, "final"), p + "final")
           + _conv((*e, "time_fc"), p + "fn"))
 
 
 def _unet2d_convlstm_entries(time_steps: int) -> list:
-  """FCN_CRNN: U-Net "fcn.unet_encode/unet_decode", ConvLSTM "crnn_main.clstm"."""
+  """FCN_CRNN's encoder: U-Net "fcn.unet_encode/decode", ConvLSTM "crnn_main.clstm"."""
   u, cell = ("encoder", "unet"), ("encoder", "clstm", "cell")
   enc, dec = _UNET2D + "encode.", _UNET2D + "decode."
   entries = (_block((*u, "enc3"), enc + "enc3.encode", running=False)
@@ -121,12 +126,15 @@ def _unet2d_convlstm_entries(time_steps: int) -> list:
              + _block((*u, "center"), enc + "center", 1, running=False)
              + _block((*u, "center_decode"), dec + "center_decode", 1, running=False)
              + _conv((*u, "center_up"), dec + "center_decode.3")
-             + _block((*u, "dec4"), dec + "dec4.decode") + _conv((*u, "dec4_up"), dec + "dec4.decode.6")
-             + _block((*u, "final"), dec + "final") + _conv((*u, "final_conv"), dec + "final.6")
+             + _block((*u, "dec4"), dec + "dec4.decode")
+             + _conv((*u, "dec4_up"), dec + "dec4.decode.6")
+             + _block((*u, "final"), dec + "final")
+             + _conv((*u, "final_conv"), dec + "final.6")
              + _conv((*cell, "h_conv"), _CELL + "h_conv")
              + _conv((*cell, "x_conv"), _CELL + "input_conv"))
-  for ours, theirs in (("h_norm", "h_norm"), ("x_norm", "input_norm"), ("c_norm", "cell_norm")):
-    name = _CELL + theirs
+  for ours, theirs in (("h_norm", "h_norm"), ("x_norm", "input_norm"),
+                       ("c_norm", "cell_norm")):
+    name = _CELL + theirs  # RecurrentNorm2d: weight, running_{mean,var}_{t}
     entries.append((("params", *cell, ours, "scale"), name + ".weight", "copy"))
     for stat in ("mean", "var"):
       keys = tuple(f"{name}.running_{stat}_{t}" for t in range(time_steps))
@@ -134,28 +142,25 @@ def _unet2d_convlstm_entries(time_steps: int) -> list:
   return entries
 
 
-def _cscl_head_entries() -> list:
-  h = ("params", "head")
-  return [((*h, "query", "kernel"), "attn_sim.query_conv.weight", "conv1x1"),
-          ((*h, "key", "kernel"), "attn_sim.key_conv.weight", "conv1x1"),
-          ((*h, "rel_h"), "attn_sim.rel_h", "rel_h"), ((*h, "rel_w"), "attn_sim.rel_w", "rel_w")]
-
-
 def _entries(architecture: str, pretrain: bool, time_steps: int) -> list:
   """(our leaf path or None to drop, PyTorch key(s), kind) for every state dict entry."""
   if architecture == "UNET3D":
     return _unet3d_entries("")
-  head = _cscl_head_entries() if pretrain else []
-  classifier = ("params", "head", "Conv_0")  # models.segmenter.Classifier's conv
+  h, head = ("params", "head"), []
+  if pretrain:
+    head = [((*h, "query", "kernel"), "attn_sim.query_conv.weight", "conv1x1"),
+            ((*h, "key", "kernel"), "attn_sim.key_conv.weight", "conv1x1"),
+            ((*h, "rel_h"), "attn_sim.rel_h", "rel_h"),
+            ((*h, "rel_w"), "attn_sim.rel_w", "rel_w")]
   if architecture == "UNET3Df":
-    if not pretrain:  # nn.Linear(E, K) on [B, H, W, E], a 1x1 conv here.
-      head = [((*classifier, "kernel"), "linear_out.weight", "linear_as_conv1x1"),
-              ((*classifier, "bias"), "linear_out.bias", "copy")]
+    if not pretrain:  # nn.Linear(E, K) on [B, H, W, E]: segmenter.Classifier's 1x1 conv
+      head = [((*h, "Conv_0", "kernel"), "linear_out.weight", "linear_as_conv1x1"),
+              ((*h, "Conv_0", "bias"), "linear_out.bias", "copy")]
     return _unet3d_entries("backbone.") + head
-  # FCN_CRNN builds its 3x3 classifier in every stage; stage 0 never uses it: dropped.
-  head += [(None if pretrain else (*classifier, leaf), f"main_finalconv.{name}", kind)
-           for leaf, name, kind in (("kernel", "weight", "kernel"), ("bias", "bias", "copy"))]
-  return _unet2d_convlstm_entries(time_steps) + head
+  classifier = _conv(("head", "Conv_0"), "main_finalconv")  # the Classifier's 3x3 conv
+  if pretrain:  # FCN_CRNN builds its classifier in every stage; stage 0 never uses it.
+    classifier = [(None, key, kind) for _, key, kind in classifier]
+  return _unet2d_convlstm_entries(time_steps) + head + classifier
 
 
 def _dim(arrays: Mapping[str, np.ndarray], key: str, axis: int, what: str,
@@ -164,8 +169,8 @@ def _dim(arrays: Mapping[str, np.ndarray], key: str, axis: int, what: str,
   if key not in arrays:
     raise ValueError(
         f"The state dict has no {key!r}, which gives {what}, so it is not a {where} "
-        f"checkpoint (its first entries: {sorted(arrays)[:5]}). Check architecture and "
-        "stage (the original's MODEL.architecture and train_stage: 0 = 'pretrain', "
+        f"checkpoint (its first entries: {sorted(arrays)[:5]}). Check architecture "
+        "and stage (the original's MODEL.architecture and train_stage: 0 = 'pretrain', "
         "2 = 'finetune').")
   shape = arrays[key].shape
   if len(shape) <= axis:
@@ -178,35 +183,74 @@ def _infer_sizes(arrays: Mapping[str, np.ndarray], architecture: str,
   """The model.* sizes that the weights' shapes determine."""
   where = f"{architecture} {'pre-training' if pretrain else 'fine-tuning'}"
   dim = lambda key, axis, what: _dim(arrays, key, axis, what, where)
+  p = {"UNET3Df": "backbone.", "UNET3D": "", "UNET2D-CLSTM": _UNET2D + "encode."}[
+      architecture]
+  first = p + ("enc3.encode.0.weight" if architecture == "UNET2D-CLSTM" else "en3.0.weight")
+  sizes = dict(num_channels=dim(first, 1, "the input channels"),
+               num_features=dim(first, 0, "the features") // 4)
   if architecture == "UNET2D-CLSTM":
-    first = _UNET2D + "encode.enc3.encode.0.weight"
-    sizes = dict(emb_channels=dim(_UNET2D + "decode.final.6.weight", 0, "the embedding size"),
-                 num_classes=dim("main_finalconv.weight", 0, "the classes"))
     running = _CELL + "h_norm.running_mean_"
-    sizes["max_seq_len"] = next(t for t in range(len(arrays) + 1)
-                                if running + str(t) not in arrays)
-    dim(running + "0", 0, "the time steps")  # raises if there are none
+    dim(running + "0", 0, "the time steps")  # raises if there is none
+    steps = next(t for t in range(len(arrays) + 1) if running + str(t) not in arrays)
+    sizes.update(
+        max_seq_len=steps,
+        emb_channels=dim(_UNET2D + "decode.final.6.weight", 0, "the embedding size"),
+        num_classes=dim("main_finalconv.weight", 0, "the classes"))
   else:
-    p = "backbone." if architecture == "UNET3Df" else ""
-    first = p + "en3.0.weight"
-    sizes = dict(max_seq_len=dim(p + "fn.weight", 1, "the time steps"))
+    sizes["max_seq_len"] = dim(p + "fn.weight", 1, "the time steps")
     if architecture == "UNET3D":
       sizes["num_classes"] = dim("final.weight", 0, "the classes")
     else:
       sizes["emb_channels"] = dim(p + "final.weight", 0, "the embedding size")
       if not pretrain:
         sizes["num_classes"] = dim("linear_out.weight", 0, "the classes")
-  sizes.update(num_channels=dim(first, 1, "the input channels"),
-               num_features=dim(first, 0, "the features") // 4)
   if pretrain:
-    sizes.update(attn_channels=dim("attn_sim.key_conv.weight", 0, "the attention channels"),
-                 kernel_size=dim("attn_sim.rel_h", 3, "the CSCL window size"))
+    sizes.update(
+        attn_channels=dim("attn_sim.key_conv.weight", 0, "the attention channels"),
+        kernel_size=dim("attn_sim.rel_h", 3, "the CSCL window size"))
   return sizes
 
 
+def _variable_shapes(model_config: ml_collections.ConfigDict) -> dict[tuple, tuple]:
+  """Leaf path -> shape of the variables `models.create_model` makes (nothing computed)."""
+  m = model_config
+  x = jax.ShapeDtypeStruct((1, m.max_seq_len, m.img_res, m.img_res, m.num_channels),
+                           jnp.float32)
+  model = models.create_model(model_config)
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  return {tuple(k.key for k in path): leaf.shape
+          for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+
+
+def _convert_entries(arrays: Mapping[str, np.ndarray], entries: list,
+                     expected: dict[tuple, tuple]
+                     ) -> tuple[dict[tuple, np.ndarray], list[str]]:
+  """Our leaves from `arrays` by `entries`, and the problems (missing, shape, unexpected)."""
+  leaves, used, problems = {}, set(), []
+  for path, keys, kind in entries:
+    keys = (keys,) if isinstance(keys, str) else keys
+    used.update(keys)
+    missing = [k for k in keys if k not in arrays]
+    problems += [f"missing: {k!r}" for k in missing]
+    if missing or path is None:
+      continue
+    if path not in expected:  # A slip in the name tables above, not in the input.
+      raise RuntimeError(f"{path} is not a variable of this model.")
+    torch_shape, convert = _KINDS[kind]
+    want = tuple(torch_shape(expected[path]))
+    bad = [k for k in keys if arrays[k].shape != want]
+    problems += [f"wrong shape: {k!r} is {arrays[k].shape}, this network needs "
+                 f"{want}" for k in bad]
+    if not bad:
+      leaves[path] = convert([arrays[k] for k in keys], expected[path]).astype(np.float32)
+  problems += [f"unexpected: {k!r}" for k in sorted(set(arrays) - used)]
+  return leaves, problems
+
+
 def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *,
-                 stride: int = 1, dilation: int = 1, groups: int = 1, norm_emb: bool = True,
-                 img_res: int | None = None, num_classes: int | None = None
+                 stride: int = 1, dilation: int = 1, groups: int = 1,
+                 norm_emb: bool = True, img_res: int | None = None,
+                 num_classes: int | None = None
                  ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """Converts a DeepSatModels state dict to our model config and variables.
 
@@ -215,8 +259,8 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
       tensors), buffers included, without a "module." prefix.
     architecture: the original's MODEL.architecture: "UNET3Df", "UNET3D" or
       "UNET2D-CLSTM".
-    stage: "pretrain" (train_stage 0: encoder + CSCL head) or "finetune" / "supervised"
-      (train_stage 2: encoder + classifier; for UNET3D the network itself).
+    stage: "pretrain" (train_stage 0: encoder + CSCL head) or "finetune" /
+      "supervised" (train_stage 2: encoder + classifier; UNET3D: the network itself).
     stride: MODEL.cscl_win_stride (not in the weights).
     dilation: MODEL.cscl_win_dilation (not in the weights).
     groups: MODEL.attn_groups (not in the weights).
@@ -224,7 +268,7 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
       defaults to False where a config omits it).
     img_res: MODEL.img_res; default 48 (UNET3D*) or 24 (UNET2D-CLSTM).
     num_classes: MODEL.num_classes; needed only where the weights do not tell it
-      (UNET3Df pre-training), and checked against them elsewhere.
+      (UNET3Df pre-training), checked against them elsewhere.
 
   Returns:
     (model_config, variables): config.model for `models.create_model`, and
@@ -235,10 +279,10 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
       missing, unexpected or of the wrong shape.
   """
   if architecture not in ARCHITECTURES:
-    raise ValueError(f"architecture={architecture!r}; choose one of {sorted(ARCHITECTURES)} "
-                     "(the original's MODEL.architecture).")
-  if stage not in STAGES or (architecture == "UNET3D" and stage == "pretrain"):
-    allowed = STAGES[1:] if architecture == "UNET3D" else STAGES
+    raise ValueError(f"architecture={architecture!r}; choose one of "
+                     f"{sorted(ARCHITECTURES)} (the original's MODEL.architecture).")
+  allowed = STAGES[1:] if architecture == "UNET3D" else STAGES
+  if stage not in allowed:
     raise ValueError(f"stage={stage!r} for {architecture}; choose one of {allowed} "
                      "('pretrain' is the original's train_stage 0, 'finetune' stage 2).")
   arrays = {k: np.asarray(v) for k, v in state_dict.items()}
@@ -247,51 +291,28 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
   sizes = _infer_sizes(arrays, architecture, pretrain)
   if num_classes is not None:
     if sizes.get("num_classes", num_classes) != num_classes:
-      raise ValueError(f"num_classes={num_classes} but the classifier in the weights has "
-                       f"{sizes['num_classes']} outputs.")
+      raise ValueError(f"num_classes={num_classes} but the classifier in the weights "
+                       f"has {sizes['num_classes']} outputs.")
     sizes["num_classes"] = num_classes
-  model_config = common.get_config().model
-  model_config.update(name=name, stage=stage, img_res=img_res or default_res, stride=stride,
-                      dilation=dilation, groups=groups, norm_emb=norm_emb, **sizes)
-
-  m = model_config
-  x = jax.ShapeDtypeStruct((1, m.max_seq_len, m.img_res, m.img_res, m.num_channels),
-                           jnp.float32)
-  model = models.create_model(model_config)
-  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  expected = {tuple(k.key for k in path): leaf.shape
-              for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
-
-  leaves, used, problems = {}, set(), []
-  for path, keys, kind in _entries(architecture, pretrain, m.max_seq_len):
-    keys = (keys,) if isinstance(keys, str) else keys
-    missing = [k for k in keys if k not in arrays]
-    problems += [f"missing: {k!r}" for k in missing]
-    used.update(keys)
-    if missing or path is None:
-      continue
-    if path not in expected:  # A slip in the name tables above, not in the input.
-      raise RuntimeError(f"{path} is not a variable of {name}.")
-    torch_shape, convert = _KINDS[kind]
-    want = torch_shape(expected[path])
-    bad = [k for k in keys if arrays[k].shape != tuple(want)]
-    problems += [f"wrong shape: {k!r} is {arrays[k].shape}, this network needs "
-                 f"{tuple(want)}" for k in bad]
-    if not bad:
-      leaves[path] = convert([arrays[k] for k in keys], expected[path]).astype(np.float32)
-  problems += [f"unexpected: {k!r}" for k in sorted(set(arrays) - used)]
+  model_config = ml_collections.ConfigDict(common.get_config().model.to_dict())
+  model_config.update(name=name, stage=stage, img_res=img_res or default_res,
+                      stride=stride, dilation=dilation, groups=groups, norm_emb=norm_emb,
+                      **sizes)
+  expected = _variable_shapes(model_config)
+  leaves, problems = _convert_entries(
+      arrays, _entries(architecture, pretrain, model_config.max_seq_len), expected)
   if problems:
     raise ValueError(
         f"The state dict does not fit {architecture} ({stage}) with "
-        f"{dict(sorted(sizes.items()))} (inferred from its shapes); {len(problems)} "
-        "problem(s):\n  " + "\n  ".join(problems[:30]))
+        f"{dict(sorted(sizes.items()))} (inferred from its shapes); "
+        f"{len(problems)} problem(s):\n  " + "\n  ".join(problems[:30]))
   if set(leaves) != set(expected):  # A gap in the name tables above.
     raise RuntimeError(f"No PyTorch source for {sorted(set(expected) - set(leaves))}.")
   variables = {}
   for path, value in leaves.items():
     node = variables
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
     node[path[-1]] = value
   return model_config, variables
 
@@ -337,7 +358,7 @@ def convert_checkpoint(checkpoint: str, workdir: str, architecture: str, stage: 
   model_config, variables = from_deepsat(load_state_dict(checkpoint), architecture, stage,
                                          **options)
   config = common.get_config()
-  config.model.update(model_config)
+  config.model.update(model_config.to_dict())
   manager = checkpoints.create_manager(workdir, keep=1, best_metric="loss", best_mode="min")
   if manager.latest_step() is not None:
     raise ValueError(f"{workdir} already holds checkpoints; pass a new --workdir.")
@@ -359,19 +380,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--cscl_win_stride", type=int, default=1)
   parser.add_argument("--cscl_win_dilation", type=int, default=1)
   parser.add_argument("--attn_groups", type=int, default=1)
-  parser.add_argument("--norm_emb", type=lambda v: v.lower() in ("1", "true"), default=True)
+  parser.add_argument("--norm_emb", choices=("true", "false"), default="true")
   parser.add_argument("--img_res", type=int, default=None)
   parser.add_argument("--num_classes", type=int, default=None)
   args = parser.parse_args(argv)
   config = convert_checkpoint(
       args.checkpoint, args.workdir, args.architecture, args.stage,
       stride=args.cscl_win_stride, dilation=args.cscl_win_dilation, groups=args.attn_groups,
-      norm_emb=args.norm_emb, img_res=args.img_res, num_classes=args.num_classes)
+      norm_emb=args.norm_emb == "true", img_res=args.img_res, num_classes=args.num_classes)
+  default = common.get_config().model
   fields = " ".join(f"--config.model.{k}={v}" for k, v in sorted(config.model.items())
-                    if k not in ("stage",))
+                    if k != "stage" and v != default[k])
   print(f"Wrote {os.path.join(args.workdir, checkpoints.CHECKPOINT_DIR)} (step 0) and "
         f"{checkpoints.CONFIG_FILE}. Fine-tune with --config.init_from={args.workdir} "
-        f"and these model fields:\n  {fields}")
+        f"and the same model fields: {fields or '(the defaults)'}")
 
 
 if __name__ == "__main__":

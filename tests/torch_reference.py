@@ -18,8 +18,8 @@ from torch import nn
 import torch.nn.functional as F
 
 
-def conv_block(dims: int, channels: tuple[int, int, int], norm: str = "batch") -> nn.Sequential:
-  """Sequential(conv, norm, LeakyReLU, conv, norm, LeakyReLU): indices 0, 1, 3, 4 hold weights."""
+def conv_block(dims: int, channels: tuple[int, ...], norm: str = "batch") -> nn.Sequential:
+  """Sequential(conv, norm, LeakyReLU, ...): weights at indices 0, 1, 3, 4, ..."""
   conv = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
   layers = []
   for cin, cout in zip(channels[:-1], channels[1:]):
@@ -36,7 +36,7 @@ def up3d(cin: int, cout: int) -> nn.ConvTranspose3d:
 
 
 class UNet3D(nn.Module):
-  """"UNET3D" (dc3 = (4f, 2f), out = classes) and the "UNET3Df" backbone (8f, 8f; out = 8f)."""
+  """"UNET3D" (dc3 = (4f, 2f), out = classes), or the "UNET3Df" backbone (8f, 8f; 8f)."""
 
   def __init__(self, num_channels: int, out_channels: int, time_steps: int,
                num_features: int = 16, dc3: tuple[int, int] = (4, 2)):
@@ -235,7 +235,9 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
   float32 round-off small); every running mean/variance differs from 0/1.
   """
   gen = torch.Generator().manual_seed(seed)
-  normal = lambda t, std=1.0, mean=0.0: t.copy_(mean + std * torch.randn(t.shape, generator=gen))
+
+  def normal(t, std=1.0, mean=0.0):
+    t.copy_(mean + std * torch.randn(t.shape, generator=gen))
   with torch.no_grad():
     for module in model.modules():
       if isinstance(module, NORMS):
