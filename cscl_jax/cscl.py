@@ -6,10 +6,9 @@ a, b in {-r..r} with r = k // 2 (K = k² offsets, row-major), the head compares 
 at p with the key at p + o (zero outside the image) plus a learned relative position
 embedding; the labels say whether p and p + o hold the same class.
 
-The similarity is computed from K shifted views of the zero-padded key, one offset at a
-time, and with `norm_emb` the neighbour norm |key + rel|² is expanded into
-|key|² + 2·key·rel + |rel|², so no array of size B·H'·W'·A·K exists in the forward or the
-backward pass (the reference unfolds the keys into exactly such an array).
+The similarity reads K shifted views of the zero-padded key, one offset at a time, and
+expands |key + rel|² into |key|² + 2·key·rel + |rel|², so no array of size B·H'·W'·A·K
+exists in the forward or backward pass (the reference unfolds the keys into one).
 
 This module imports nothing else of cscl_jax:
 
@@ -31,8 +30,8 @@ import numpy as np
 _EPS = 1e-12
 
 
-def _check_window(kernel_size: int, stride: int, dilation: int) -> None:
-  """Raises ValueError unless (k, s, d) describe a valid CSCL window (trace time)."""
+def _check_window(kernel_size: int, stride: int, dilation: int, **maps) -> None:
+  """Raises ValueError unless (k, s, d) is a valid window and `maps` are [B, H, W]."""
   if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
     raise ValueError(
         f"kernel_size must be a positive odd int (the window is centred on each "
@@ -40,6 +39,9 @@ def _check_window(kernel_size: int, stride: int, dilation: int) -> None:
   for name, value in (("stride", stride), ("dilation", dilation)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+  for name, x in maps.items():
+    if x.ndim != 3:
+      raise ValueError(f"{name} must be [B, H, W], got shape {x.shape}.")
 
 
 def _check_similarity_inputs(q, key, rel_h, rel_w, kernel_size, groups) -> None:
@@ -127,7 +129,8 @@ def _partial_dots(x: jax.Array, y: jax.Array, groups: int) -> jax.Array:
 
 def _group_matrix(attn: int, groups: int, dtype) -> jax.Array:
   """One-hot [A, G]: which group each channel belongs to."""
-  return jnp.asarray(np.arange(attn)[:, None] // (attn // groups) == np.arange(groups), dtype)
+  group_of = np.arange(attn) // (attn // groups)
+  return jnp.asarray(group_of[:, None] == np.arange(groups), dtype)
 
 
 def _group_sum(x: jax.Array, groups: int) -> jax.Array:
@@ -136,21 +139,14 @@ def _group_sum(x: jax.Array, groups: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _neighbourhood(q: jax.Array, key: jax.Array, rel: jax.Array, window) -> tuple:
-  """Per-offset, per-group inner products that the similarity is made of.
+  """Per-group inner products the similarity is made of, for every offset o.
 
-  Args:
-    q: strided queries [B, H', W', A].
-    key: keys [B, H, W, A] (zero outside the image).
-    rel: relative embedding per offset [K, A].
-    window: static (kernel_size, stride, dilation, groups, norm_emb).
-
-  Returns:
-    (dots,) or, with norm_emb, (dots, neighbour_sq, q_sq): dots = <q, key[p + o] + rel_o>
-    and neighbour_sq = |key[p + o] + rel_o|², both [B, H', W', K, G], and q_sq = |q|²
-    [B, H', W', G], per group. |key + rel|² is expanded into |key|² + 2 key·rel + |rel|²,
-    so only the q·key products read K shifted key views; they are written as sums of
-    channel chunks, which XLA fuses into one loop per offset without copying the views.
-    The hand-written VJP likewise builds each gradient as one fused sum over offsets.
+  q: strided queries [B, H', W', A]; key: keys [B, H, W, A]; rel: [K, A]; window: static
+  (kernel_size, stride, dilation, groups, norm_emb). Returns (dots,) or, with norm_emb,
+  (dots, neighbour_sq, q_sq): <q, key[p + o] + rel_o> and |key[p + o] + rel_o|², both
+  [B, H', W', K, G], and |q|² [B, H', W', G]. Only the q·key products read the K shifted
+  key views, as sums of channel chunks that XLA fuses into one loop per offset without
+  copying the views; the hand-written VJP builds each gradient as one fused sum too.
   """
   kernel_size, stride, dilation, groups, norm_emb = window
   offsets = _offsets(kernel_size)
@@ -209,14 +205,14 @@ def _neighbourhood_bwd(window, residuals, cts):
     d_q.append(d_q_part)
     d_key.append(d_key_part)
   # d rel_o: the same terms summed over pixels, as [K * G, A] matmuls.
-  per_pixel = lambda x: x.reshape(-1, x.shape[-1]) if x.ndim == 4 else x.reshape(
-      -1, x.shape[-2] * x.shape[-1])
-  d_rel = per_pixel(ct_dot).T @ per_pixel(q)  # [K * G, A]
+  attn, kg = q.shape[-1], len(offsets) * groups
+  d_rel = ct_dot.reshape(-1, kg).T @ q.reshape(-1, attn)
   if norm_emb:  # rel_o also counts where the neighbour is outside the image
-    d_rel += 2 * (per_pixel(ct_key_sq).T @ per_pixel(key) + per_pixel(cts[1]).sum(
-        axis=0)[:, None] * jnp.repeat(rel, groups, axis=0))
-  in_group = _group_matrix(q.shape[-1], groups, q.dtype)  # [A, G]
-  d_rel = jnp.einsum("kga,ag->ka", d_rel.reshape(len(offsets), groups, -1), in_group)
+    ct_rel_sq = cts[1].reshape(-1, kg).sum(axis=0)[:, None]  # [K * G, 1]
+    d_rel += 2 * (ct_key_sq.reshape(-1, kg).T @ key.reshape(-1, attn)
+                  + ct_rel_sq * jnp.repeat(rel, groups, axis=0))
+  in_group = _group_matrix(attn, groups, q.dtype)  # [A, G]
+  d_rel = jnp.einsum("kga,ag->ka", d_rel.reshape(len(offsets), groups, attn), in_group)
   return jnp.concatenate(d_q, axis=-1), jnp.concatenate(d_key, axis=-1), d_rel
 
 
@@ -287,9 +283,7 @@ def cscl_labels(labels: jax.Array, *, kernel_size: int, stride: int = 1,
     labels[b, s·i + d·a, s·j + d·b'] == labels[b, s·i, s·j]. Neighbours outside the
     image count as a different class; the centre entry is always 1.
   """
-  _check_window(kernel_size, stride, dilation)
-  if labels.ndim != 3:
-    raise ValueError(f"labels must be [B, H, W], got shape {labels.shape}.")
+  _check_window(kernel_size, stride, dilation, labels=labels)
   window = functools.partial(_windows, kernel_size=kernel_size, stride=stride,
                              dilation=dilation)
   centre = labels[:, ::stride, ::stride, None]  # [B, H', W', 1]
@@ -313,9 +307,7 @@ def cscl_mask(valid: jax.Array, *, kernel_size: int, stride: int = 1, dilation: 
     bool [B, H', W', k, k]: True where both pixels are valid and the neighbour lies
     inside the image (and is not the centre, with `exclude_center`).
   """
-  _check_window(kernel_size, stride, dilation)
-  if valid.ndim != 3:
-    raise ValueError(f"valid must be [B, H, W], got shape {valid.shape}.")
+  _check_window(kernel_size, stride, dilation, valid=valid)
   valid = valid.astype(bool)
   neighbours = _windows(valid, kernel_size, stride, dilation, pad_value=False)
   mask = neighbours & valid[:, ::stride, ::stride, None]  # [B, H', W', K]
