@@ -50,19 +50,23 @@ def projection_loss(params, emb, target, *, readout):
   return jnp.vdot(q, readout[0]) + jnp.vdot(key, readout[1])
 
 
-def measure(loss_fn, args, repeats):
-  """Returns (median seconds, memory bytes) of jit(value_and_grad(loss_fn))(*args)."""
-  step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
-  memory = step.lower(*args).compile().memory_analysis()
-  total = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-           + memory.output_size_in_bytes)
-  jax.block_until_ready(step(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(step(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), total
+def compile_step(loss_fn, args):
+  """Returns (jit(value_and_grad(loss_fn)) compiled for args, its memory in bytes)."""
+  step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*args).compile()
+  memory = step.memory_analysis()
+  return step, (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                + memory.output_size_in_bytes)
+
+
+def median_times(steps, args, repeats):
+  """Median seconds per step; the steps take turns, so load changes hit all alike."""
+  times = {name: [] for name in steps}
+  for _ in range(repeats + 1):  # the first round is the warm-up
+    for name, step in steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(step(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t[1:])) for name, t in times.items()}
 
 
 def run(batch, size, channels, kernel_size, repeats):
@@ -88,11 +92,13 @@ def run(batch, size, channels, kernel_size, repeats):
   ours, naive = (jax.jit(variants[name])(params, emb, target) for name in
                  ("ours", "naive unfold"))
   np.testing.assert_allclose(ours, naive, rtol=1e-4, atol=1e-5)  # same maths
-  results = {name: measure(fn, (params, emb, target), repeats)
-             for name, fn in variants.items()}
-  base_time, base_memory = results["ours"]
-  return [(batch, name, 1e3 * t, t / base_time, m / 2**20, m / base_memory)
-          for name, (t, m) in results.items()]
+  args = (params, emb, target)
+  compiled = {name: compile_step(fn, args) for name, fn in variants.items()}
+  times = median_times({name: step for name, (step, _) in compiled.items()}, args,
+                       repeats)
+  memory = {name: m for name, (_, m) in compiled.items()}
+  return [(batch, name, 1e3 * times[name], times[name] / times["ours"],
+           memory[name] / 2**20, memory[name] / memory["ours"]) for name in variants]
 
 
 def main():
@@ -107,7 +113,8 @@ def main():
   for batch in map(int, args.batch_sizes.split(",")):
     rows += run(batch, args.size, args.channels, args.kernel_size, args.repeats)
   print(f"CSCL head fwd+bwd, C = A = {args.channels}, {args.size}x{args.size}, "
-        f"k = {args.kernel_size}, median of {args.repeats}, {jax.devices()[0].platform}; "
+        f"k = {args.kernel_size}, median of {args.repeats} (variants take turns), "
+        f"{jax.devices()[0].platform}; "
         "memory = temp + argument + output bytes (XLA memory_analysis)")
   print("| B | variant | time ms | time / ours | memory MiB | memory / ours |")
   print("| --- | --- | --- | --- | --- | --- |")
