@@ -250,6 +250,7 @@ def context_self_similarity(q: jax.Array, key: jax.Array, rel_h: jax.Array,
   Returns:
     float32 (float64 for float64 inputs) similarities [B, H', W', k, k]; entry
     [b, i, j, a + r, b' + r] compares location (s·i, s·j) with (s·i + d·a, s·j + d·b').
+    Reverse-mode differentiable (a custom VJP); forward-mode `jax.jvp` is not supported.
   """
   _check_window(kernel_size, stride, dilation)
   _check_similarity_inputs(q, key, rel_h, rel_w, kernel_size, groups)
