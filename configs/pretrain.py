@@ -1,0 +1,36 @@
+"""CSCL pre-training of the UNet3Df encoder (SPEC.md §3 "pretrain"; the paper's settings).
+
+  python -m cscl_jax.main --config=configs/pretrain.py --workdir=workdirs/pretrain
+
+`:quick` is a small run that finishes in a few minutes on 2 CPU cores (the `small`
+synthetic dataset, 24x24 random crops, 8 dates, a narrow UNet3Df) and still shows the loss
+falling:
+
+  python -m cscl_jax.main --config=configs/pretrain.py:quick --workdir=workdirs/pretrain_quick
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """Returns the pre-training config; variant "" (the paper) or "quick"."""
+  config = common.get_config()
+  config.model.stage = "pretrain"
+  config.num_epochs = 50  # Reference France CSCL config.
+  if variant == "quick":
+    config.dataset.config = "small"
+    config.model.img_res = 24
+    config.model.max_seq_len = 8
+    config.model.num_features = 2
+    config.model.emb_channels = 32
+    config.model.attn_channels = 32
+    config.batch_size = 8
+    config.num_train_steps = 150
+    config.log_every_steps = 15
+    config.eval_every_steps = 75
+    config.checkpoint_every_steps = 75
+  elif variant:
+    raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py; use '' or 'quick'.")
+  return config

@@ -1,0 +1,48 @@
+"""Command line entry point: pre-train, fine-tune or train a supervised baseline.
+
+  python -m cscl_jax.main --config=configs/pretrain.py --workdir=workdirs/pretrain
+  python -m cscl_jax.main --config=configs/finetune.py --workdir=workdirs/finetune \
+      --config.init_from=workdirs/pretrain
+
+Any config field can be overridden, e.g. `--config.batch_size=8`; a mistyped field is an
+error. Rerunning a command with the same workdir resumes from its latest checkpoint.
+"""
+
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import tensorflow as tf
+
+from cscl_jax import train
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, plots and metrics.")
+config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file (configs/*.py[:variant]).",
+    lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Orbax logs every step of every checkpoint write at INFO: keep its warnings only.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
+  # TensorFlow only feeds the input pipeline: keep it off the accelerators.
+  tf.config.set_visible_devices([], "GPU")
+  config = FLAGS.config
+  if config.distributed:
+    jax.distributed.initialize()
+  logging.info("JAX process %d of %d; local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  train.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,346 @@
+"""Training and evaluation for the three stages: pretrain, finetune and supervised.
+
+`train_and_evaluate(config, workdir)` runs one stage; everything it calls per step is a
+top-level pure function (`create_train_state`, `train_step`, `eval_step`, ...) that tests
+call directly. Steps are written per device with an `axis_name` and run under `jax.pmap`
+(here) or `jax.shard_map` alike: gradients and BatchNorm statistics are averaged over the
+axis, losses are the global-batch losses.
+
+  pretrain:   encoder + CSCL head; CSCL labels (and optional mask) built on device from
+              the segmentation labels; contrastive or binary CSCL loss (SPEC.md §1).
+  finetune:   encoder loaded from a pre-training run (`config.init_from`), new classifier,
+              cross-entropy over known pixels; the lr schedule starts afresh.
+  supervised: the same from random initialisation.
+"""
+
+import contextlib
+import functools
+import itertools
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from flax import jax_utils
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cscl_jax import checkpoints
+from cscl_jax import cscl
+from cscl_jax import input_pipeline
+from cscl_jax import metrics
+from cscl_jax import models
+from cscl_jax import visualize
+
+STAGES = ("pretrain", "finetune", "supervised")
+AXIS = "batch"  # The device axis of pmap, BatchNorm and the collectives.
+CSCL_LOSSES = {"contrastive": cscl.contrastive_loss, "bce": cscl.binary_contrastive_loss}
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """config.learning_rate decayed x config.lr_decay after every epoch (staircase)."""
+  return optax.exponential_decay(config.learning_rate, transition_steps=steps_per_epoch,
+                                 decay_rate=config.lr_decay, staircase=True)
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: Any,
+                       learning_rate_fn: optax.Schedule) -> TrainState:
+  """Initialises the model variables and an Adam optimizer."""
+  m = config.model
+  x = jnp.zeros((1, m.max_seq_len, m.img_res, m.img_res, m.num_channels))
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           tx=optax.adam(learning_rate_fn),
+                           batch_stats=variables.get("batch_stats", {}))
+
+
+def compute_loss(outputs: jax.Array, batch: dict[str, jax.Array],
+                 config: ml_collections.ConfigDict,
+                 axis_name: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """This device's loss and the sums behind its metrics.
+
+  Args:
+    outputs: similarity map [b, H', W', k, k] (pretrain) or logits [b, H, W, N].
+    batch: this device's "labels" [b, H, W] and "valid" [b, H, W].
+    config: the run's config.
+    axis_name: the device axis.
+
+  Returns:
+    (loss, sums): `lax.pmean(loss, axis_name)` is the loss of the global batch, so the
+    mean of the per-device gradients is its gradient; `sums` add up over devices.
+  """
+  m, num_classes = config.model, config.model.num_classes
+  known = batch["valid"] & (batch["labels"] < num_classes)  # [b, H, W]
+  if m.stage == "pretrain":
+    window = dict(kernel_size=m.kernel_size, stride=m.stride, dilation=m.dilation)
+    target = cscl.cscl_labels(batch["labels"], **window)  # [b, H', W', k, k]
+    mask = cscl.cscl_mask(known, **window) if config.cscl.use_mask else None
+    loss = CSCL_LOSSES[config.cscl.loss](outputs, target, mask,
+                                         pos_weight=config.cscl.pos_weight)
+    return loss, metrics.similarity_sums(outputs, target, mask)
+  logits = outputs.astype(jnp.float32)
+  labels = jnp.where(known, batch["labels"], 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [b, H, W]
+  sums = {"ce_sum": jnp.sum(ce * known), "known_count": jnp.sum(known, dtype=jnp.float32)}
+  # Mean over the known pixels of ALL devices: this device's share, times the device count.
+  total = jnp.maximum(lax.psum(sums["known_count"], axis_name), 1.0)
+  return sums["ce_sum"] / total * lax.psum(1, axis_name), sums
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               config: ml_collections.ConfigDict,
+               axis_name: str) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on this device's share of the global batch.
+
+  Args:
+    state: the replicated train state.
+    batch: "inputs" [b, T, H, W, C], "labels" [b, H, W], "valid" [b, H, W].
+    config: the run's config.
+    axis_name: the device axis to average gradients and statistics over.
+
+  Returns:
+    The new state and the step's metrics ("loss", "grad_norm" and sums; identical on
+    every device).
+  """
+  def loss_fn(params):
+    outputs, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["inputs"],
+        train=True, mutable=["batch_stats"])
+    loss, sums = compute_loss(outputs, batch, config, axis_name)
+    # Differentiating the global loss gives the global gradient under shard_map, where
+    # replicated params get summed gradients; under pmap, the pmean below makes it so.
+    return lax.pmean(loss, axis_name), (updates["batch_stats"], sums)
+
+  (loss, (batch_stats, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  grads = lax.pmean(grads, axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=lax.pmean(batch_stats, axis_name))
+  step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return state, {**step_metrics, **lax.psum(sums, axis_name)}
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+              config: ml_collections.ConfigDict,
+              axis_name: str) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Evaluates this device's share of a batch.
+
+  Returns:
+    (sums, outputs): sums over the global batch (the "loss" entry is its mean loss; for
+    segmentation "confusions" [3, N, N] for all / boundary / interior pixels), and this
+    device's outputs: similarity maps (pretrain) or predicted classes [b, H, W].
+  """
+  outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                           batch["inputs"], train=False)
+  loss, sums = compute_loss(outputs, batch, config, axis_name)
+  if config.model.stage != "pretrain":
+    outputs = jnp.argmax(outputs, axis=-1)
+    known = batch["valid"] & (batch["labels"] < config.model.num_classes)
+    sums["confusions"] = metrics.segmentation_confusions(
+        batch["labels"], outputs, known, config.model.num_classes)
+  return {**lax.psum(sums, axis_name), "loss": lax.pmean(loss, axis_name)}, outputs
+
+
+def summarize_train(history: list[dict[str, np.ndarray]], first_step: int) -> dict[str, float]:
+  """Averages host copies of `train_step` metrics; stops on a non-finite loss.
+
+  Raises:
+    FloatingPointError: naming the first step whose loss or gradient norm is NaN/inf.
+  """
+  for offset, step_metrics in enumerate(history):
+    if not (np.isfinite(step_metrics["loss"]) and np.isfinite(step_metrics["grad_norm"])):
+      raise FloatingPointError(
+          f"Non-finite loss {step_metrics['loss']} (gradient norm "
+          f"{step_metrics['grad_norm']}) at step {first_step + offset}; stopping. The last "
+          "checkpoint before it is kept: lower config.learning_rate or check the data.")
+  sums = {k: float(np.sum([h[k] for h in history])) for k in history[0]}
+  summary = {"loss": sums["loss"] / len(history), "grad_norm": sums["grad_norm"] / len(history)}
+  if "same_count" in sums:
+    summary.update(metrics.similarity_scores(sums))
+  return summary
+
+
+def evaluate(p_eval_step: Any, state: TrainState, batches: Any, class_names: list[str],
+             stage: str) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
+  """Runs the replicated eval step over `batches`.
+
+  Returns:
+    (scores, first_batch, first_outputs): a flat dict of named numbers, and the first
+    batch and its outputs on the host, flattened over devices (for the plots).
+  """
+  totals, first, num_batches = None, None, 0
+  for num_batches, batch in enumerate(batches, start=1):
+    sums, outputs = p_eval_step(state, batch)
+    sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), jax.device_get(sums))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    if first is None:  # [D, b, ...] -> [D * b, ...]
+      first = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]),
+                           (batch, jax.device_get(outputs)))
+  if totals is None:
+    raise ValueError("The eval split gave no batch: check config.dataset.eval_split and "
+                     "config.batch_size.")
+  scores = {"loss": float(totals["loss"] / num_batches)}
+  if stage == "pretrain":
+    scores.update(metrics.similarity_scores(totals))
+  else:
+    scores.update(metrics.segmentation_scores(totals["confusions"], class_names))
+  return scores, first[0], first[1]
+
+
+@contextlib.contextmanager
+def _stop_requests():
+  """Turns a first SIGINT/SIGTERM into a request to save and stop after this step."""
+  requested = threading.Event()
+
+  def handler(signum, frame):
+    del frame
+    if requested.is_set():  # A second signal: stop at once.
+      raise KeyboardInterrupt
+    logging.warning("Signal %d: saving a checkpoint after this step, then stopping.", signum)
+    requested.set()
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield requested
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  """One clear error for a config the loop cannot run."""
+  if config.model.stage not in STAGES:
+    raise ValueError(f"config.model.stage={config.model.stage!r}; use one of {STAGES}.")
+  if config.cscl.loss not in CSCL_LOSSES:
+    raise ValueError(f"config.cscl.loss={config.cscl.loss!r}; use one of "
+                     f"{sorted(CSCL_LOSSES)}.")
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the "
+                     f"{jax.device_count()} devices.")
+  every = {k: config[k] for k in ("log_every_steps", "eval_every_steps",
+                                  "checkpoint_every_steps")}
+  if min(every.values()) < 1:
+    raise ValueError(f"These must be >= 1: {every}.")
+
+
+def _eval_and_report(p_eval_step, state, step, config, workdir, info, writer):
+  """Evaluates, writes scalars, a PNG of a few samples and metrics.json; returns scores."""
+  batches = input_pipeline.create_split(config, config.dataset.eval_split, train=False)
+  if config.num_eval_batches > 0:
+    batches = itertools.islice(batches, config.num_eval_batches)
+  scores, batch, outputs = evaluate(p_eval_step, state, batches, info.class_names,
+                                    config.model.stage)
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+  logging.info("Eval at step %d: %s", step, ", ".join(
+      f"{k}={v:.4f}" for k, v in scores.items() if "iou/" not in k))
+  if jax.process_index() == 0:
+    n, num_classes = config.num_plot_samples, config.model.num_classes
+    plot = (visualize.plot_similarity if config.model.stage == "pretrain"
+            else visualize.plot_segmentation)
+    plot(os.path.join(workdir, "plots", f"eval_{step:07d}.png"), batch["inputs"][:n],
+         batch["labels"][:n], outputs[:n], num_classes)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump({"step": step, **scores}, f, indent=2)
+  return scores
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs one stage in `workdir`, resuming from its latest checkpoint if any.
+
+  Args:
+    config: see configs/common.py.
+    workdir: where checkpoints, TensorBoard events, plots and metrics.json go.
+
+  Returns:
+    The final evaluation metrics (also written to `<workdir>/metrics.json`).
+  """
+  _check_config(config)
+  m = config.model
+  info = input_pipeline.dataset_info(config)
+  steps_per_epoch = (config.steps_per_epoch if config.steps_per_epoch > 0 else
+                     info.num_examples[config.dataset.train_split] // config.batch_size)
+  num_steps = (config.num_train_steps if config.num_train_steps > 0 else
+               config.num_epochs * steps_per_epoch)
+  writer = metric_writers.create_default_writer(workdir,
+                                                just_logging=jax.process_index() > 0)
+  model = models.create_model(m, dtype=jnp.dtype(config.dtype), axis_name=AXIS)
+  learning_rate_fn = learning_rate_schedule(config, steps_per_epoch)
+  # The "rbg" generator compiles the initialisers ~5x faster than threefry on CPU.
+  rng = jax.random.key(config.seed, impl="rbg")
+  state = create_train_state(rng, config, model, learning_rate_fn)
+
+  best_metric, best_mode = ("loss", "min") if m.stage == "pretrain" else ("miou", "max")
+  manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints,
+                                       best_metric=best_metric, best_mode=best_mode)
+  checkpoints.check_config(workdir, config, manager.latest_step() is not None)
+  restored = checkpoints.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from step %d of %s.", int(state.step), manager.directory)
+  elif m.stage == "finetune":
+    if not config.init_from:
+      raise ValueError("Fine-tuning needs a pre-trained encoder: pass "
+                       "--config.init_from=<pre-training workdir>.")
+    params, batch_stats = checkpoints.load_encoder(config.init_from, state.params,
+                                                   state.batch_stats)
+    state = state.replace(params=params, batch_stats=batch_stats)
+  start_step = int(state.step)
+  logging.info("Training %s from step %d to %d (%d steps per epoch).", m.stage,
+               start_step, num_steps, steps_per_epoch)
+
+  train_iter = input_pipeline.create_split(config, config.dataset.train_split, train=True,
+                                           start_step=start_step)
+  p_train_step = jax.pmap(functools.partial(train_step, config=config, axis_name=AXIS),
+                          axis_name=AXIS, donate_argnums=(0,))
+  p_eval_step = jax.pmap(functools.partial(eval_step, config=config, axis_name=AXIS),
+                         axis_name=AXIS)
+  # Replicated over the same mesh axis as pmap's outputs: no recompilation at step 2.
+  state = jax_utils.replicate(state, axis_name=AXIS)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps,
+      every_secs=None)
+  eval_and_report = functools.partial(_eval_and_report, p_eval_step, config=config,
+                                      workdir=workdir, info=info, writer=writer)
+  history, scores, eval_done_at = [], {}, None
+  try:
+    with _stop_requests() as stop:
+      for step in range(start_step + 1, num_steps + 1):
+        state, step_metrics = p_train_step(state, next(train_iter))
+        history.append(step_metrics)
+        do_eval = step == num_steps or step % config.eval_every_steps == 0
+        do_save = do_eval or stop.is_set() or step % config.checkpoint_every_steps == 0
+        if do_save or step % config.log_every_steps == 0:
+          history = jax.tree.map(lambda x: x[0], jax.device_get(history))
+          summary = summarize_train(history, step - len(history) + 1)
+          summary["learning_rate"] = float(learning_rate_fn(step - 1))
+          writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+          history = []
+        report_progress(step)  # After the wait for the step's results: honest steps/s.
+        if do_eval:
+          with report_progress.timed("eval"):
+            scores, eval_done_at = eval_and_report(state, step), step
+        if do_save:
+          checkpoints.save(manager, step, jax_utils.unreplicate(state),
+                           scores if eval_done_at == step else None)
+        if stop.is_set():
+          raise KeyboardInterrupt(f"Stopped at step {step}; saved a checkpoint there. "
+                                  "Run the same command again to resume.")
+    if eval_done_at is None:  # Resumed a finished run: evaluate what it left.
+      scores = eval_and_report(state, start_step)
+  finally:
+    manager.wait_until_finished()
+    writer.flush()
+  return scores

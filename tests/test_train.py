@@ -1,0 +1,227 @@
+"""Train/eval steps on fake batches, and short in-process runs of the training loop.
+
+Uses the tiny model of configs/test.py on 8 simulated CPU devices (see conftest.py).
+"""
+
+import functools
+import os
+import signal
+
+import jax
+from jax.sharding import Mesh, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+from cscl_jax import checkpoints
+from cscl_jax import input_pipeline
+from cscl_jax import metrics
+from cscl_jax import models
+from cscl_jax import train
+from configs import test as test_config
+
+
+def _config(stage: str):
+  config = test_config.get_config()
+  config.model.stage = stage
+  return config
+
+
+def _fake_batch(config, batch_size: int, seed: int = 0):
+  m = config.model
+  rng = np.random.default_rng(seed)
+  hw = (batch_size, m.img_res, m.img_res)
+  # Blocky labels, so that CSCL pairs are mixed same/different class.
+  labels = np.repeat(np.repeat(rng.integers(0, m.num_classes + 1, (batch_size, 4, 4)),
+                               m.img_res // 4, 1), m.img_res // 4, 2)
+  return {"inputs": rng.normal(size=hw[:1] + (m.max_seq_len,) + hw[1:] + (m.num_channels,)
+                               ).astype(np.float32),
+          "labels": labels.astype(np.int32), "valid": rng.random(hw) > 0.1}
+
+
+def _sgd_state(config):
+  """A train state whose update is -gradient, so params compare gradients exactly."""
+  model = models.create_model(config.model, axis_name="batch")
+  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   train.learning_rate_schedule(config, 10))
+  return state.replace(tx=optax.sgd(1.0), opt_state=optax.sgd(1.0).init(state.params))
+
+
+def _pmap_step(step_fn, state, batch, num_devices):
+  """Runs `step_fn` on `num_devices` devices, the global batch split between them."""
+  split = lambda x: x.reshape((num_devices, -1) + x.shape[1:])
+  replicated = jax.tree.map(lambda x: np.stack([x] * num_devices), state)
+  out = jax.pmap(step_fn, axis_name="batch", devices=jax.devices()[:num_devices])(
+      replicated, jax.tree.map(split, batch))
+  return jax.tree.map(lambda x: np.asarray(x[0]), out)
+
+
+def _assert_trees_close(a, b, **tolerance):
+  jax.tree.map(functools.partial(np.testing.assert_allclose, **tolerance), a, b)
+
+
+def _shard_map_step(step_fn, state, batch):
+  """Runs `step_fn` under shard_map on all devices, the global batch split between them."""
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  out = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P("batch")),
+                              out_specs=P()))(state, batch)
+  return jax.device_get(out)
+
+
+# Pretraining checks pmap, fine-tuning (whose loss is a mean over known pixels of all
+# devices) shard_map: one 8-device compile each.
+@pytest.mark.parametrize("stage,run_on_8", [("pretrain", "pmap"), ("finetune", "shard_map")])
+def test_train_step_on_8_devices_equals_one_device(stage, run_on_8):
+  config = _config(stage)
+  state, batch = _sgd_state(config), _fake_batch(config, 16)
+  step_fn = functools.partial(train.train_step, config=config, axis_name="batch")
+  one_state, one = _pmap_step(step_fn, state, batch, 1)
+  if run_on_8 == "pmap":
+    eight_state, eight = _pmap_step(step_fn, state, batch, 8)
+  else:
+    eight_state, eight = _shard_map_step(step_fn, state, batch)
+  assert jax.device_count() == 8
+  assert one["loss"] == pytest.approx(eight["loss"], rel=1e-5)
+  assert one["grad_norm"] == pytest.approx(eight["grad_norm"], rel=1e-5)
+  # With SGD(1) the parameter update is the gradient itself.
+  _assert_trees_close(one_state.params, eight_state.params, rtol=1e-5, atol=1e-6)
+  _assert_trees_close(one_state.batch_stats, eight_state.batch_stats, rtol=1e-5,
+                      atol=1e-6)
+
+
+def test_pretrain_loss_is_the_cscl_loss():
+  config = _config("pretrain")
+  batch = _fake_batch(config, 4)
+  rng = np.random.default_rng(1)
+  sim = rng.uniform(-1, 1, (4, 8, 8, 3, 3)).astype(np.float32)
+  loss, sums = _pmap_step(
+      lambda s, b: train.compute_loss(s, b, config, "batch"), sim, batch, 1)
+  # Reference: the loss of SPEC.md §1.4 from pair labels computed pixel by pixel.
+  labels = np.pad(batch["labels"], ((0, 0), (1, 1), (1, 1)), constant_values=-1)
+  target = np.array([[labels[:, 1 + a:9 + a, 1 + b:9 + b] == batch["labels"]
+                       for b in (-1, 0, 1)] for a in (-1, 0, 1)])  # [k, k, B, H, W]
+  target = target.transpose(2, 3, 4, 0, 1).astype(np.float32)
+  w = config.cscl.pos_weight
+  assert loss == pytest.approx(np.mean((1 - target) * sim - w * target * sim), rel=1e-5)
+  assert sums["same_count"] == target.sum()
+
+
+def test_eval_step_confusions_over_devices():
+  config = _config("finetune")
+  state, batch = _sgd_state(config), _fake_batch(config, 16)
+  step_fn = functools.partial(train.eval_step, config=config, axis_name="batch")
+  one, one_preds = _pmap_step(step_fn, state, batch, 1)
+  eight, _ = _pmap_step(step_fn, state, batch, 8)
+  num_classes = config.model.num_classes
+  known = batch["valid"] & (batch["labels"] < num_classes)
+  expected = metrics.segmentation_confusions(batch["labels"], one_preds, known, num_classes)
+  np.testing.assert_array_equal(one["confusions"], expected)
+  np.testing.assert_array_equal(eight["confusions"], expected)
+  assert one["loss"] == pytest.approx(eight["loss"], rel=1e-5)
+
+
+def test_learning_rate_decays_per_epoch():
+  config = _config("pretrain")
+  schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+  lr, decay = config.learning_rate, config.lr_decay
+  assert float(schedule(0)) == pytest.approx(lr)
+  assert float(schedule(9)) == pytest.approx(lr)
+  assert float(schedule(25)) == pytest.approx(lr * decay**2)
+
+
+def test_summarize_train_names_the_bad_step():
+  good = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0)}
+  summary = train.summarize_train([good, {"loss": 3.0, "grad_norm": 4.0}], first_step=5)
+  assert summary == {"loss": 2.0, "grad_norm": 3.0}
+  with pytest.raises(FloatingPointError, match="at step 6"):
+    train.summarize_train([good, {"loss": np.nan, "grad_norm": 1.0}], first_step=5)
+  with pytest.raises(FloatingPointError, match="at step 5"):
+    train.summarize_train([{"loss": 1.0, "grad_norm": np.inf}], first_step=5)
+
+
+# --- The loop itself, on the tiny synthetic dataset. ---
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Runs of the same config compile the same programs: compile them once."""
+  options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+             "jax_persistent_cache_min_compile_time_secs": 0.0}
+  previous = {k: getattr(jax.config, k) for k in options}
+  for k, v in options.items():
+    jax.config.update(k, v)
+  yield
+  for k, v in previous.items():
+    jax.config.update(k, v)
+
+
+def _run_config(data_dir, num_steps, **overrides):
+  config = _config("pretrain")
+  config.dataset.data_dir = data_dir
+  config.num_train_steps = num_steps
+  config.update(overrides)
+  return config
+
+
+def _latest_params(workdir):
+  manager = checkpoints.create_manager(workdir, keep=1, best_metric="loss", best_mode="min")
+  step = manager.latest_step()
+  return step, manager.restore(step)["params"]
+
+
+def test_resume_is_exact(data_dir, tmp_path, caplog):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(_run_config(data_dir, 4), straight)
+  train.train_and_evaluate(_run_config(data_dir, 2), resumed)
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(_run_config(data_dir, 4), resumed)
+  assert "Resumed from step 2" in caplog.text
+  (step_a, params_a), (step_b, params_b) = _latest_params(straight), _latest_params(resumed)
+  assert step_a == step_b == 4
+  _assert_trees_close(params_a, params_b, rtol=0, atol=0)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+  real_create_split = input_pipeline.create_split
+
+  def poisoned(config, split, *, train, start_step=0):
+    for step, batch in enumerate(real_create_split(config, split, train=train,
+                                                   start_step=start_step),
+                                 start=start_step + 1):
+      if train and step == 3:
+        batch = {**batch, "inputs": np.full_like(batch["inputs"], np.nan)}
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "create_split", poisoned)
+  workdir = str(tmp_path / "nan")
+  config = _run_config(data_dir, 4, checkpoint_every_steps=1, eval_every_steps=10)
+  with pytest.raises(FloatingPointError, match="at step 3"):
+    train.train_and_evaluate(config, workdir)
+  step, params = _latest_params(workdir)
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_sigterm_saves_a_checkpoint(data_dir, tmp_path, monkeypatch):
+  real_create_split = input_pipeline.create_split
+
+  def interrupted(config, split, *, train, start_step=0):
+    for step, batch in enumerate(real_create_split(config, split, train=train,
+                                                   start_step=start_step),
+                                 start=start_step + 1):
+      if train and step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "create_split", interrupted)
+  workdir, handler = str(tmp_path / "sigterm"), signal.getsignal(signal.SIGTERM)
+  config = _run_config(data_dir, 4, checkpoint_every_steps=10, eval_every_steps=10)
+  with pytest.raises(KeyboardInterrupt, match="Stopped at step 3"):
+    train.train_and_evaluate(config, workdir)
+  assert _latest_params(workdir)[0] == 3
+  assert signal.getsignal(signal.SIGTERM) is handler
