@@ -121,8 +121,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
         {"params": params, "batch_stats": state.batch_stats}, batch["inputs"],
         train=True, mutable=["batch_stats"])
     loss, sums = compute_loss(outputs, batch, config, axis_name)
-    # Differentiating the global loss gives the global gradient under shard_map, where
-    # replicated params get summed gradients; under pmap, the pmean below makes it so.
+    # The global loss. Under shard_map its gradient w.r.t. the replicated params is
+    # already the global gradient (the pmean below leaves it as is); under pmap each
+    # device gets its own share, which the pmean averages.
     return lax.pmean(loss, axis_name), (updates["batch_stats"], sums)
 
   (loss, (batch_stats, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -230,6 +231,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % jax.device_count():
     raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the "
                      f"{jax.device_count()} devices.")
+  if config.init_from and config.model.stage != "finetune":
+    raise ValueError(f"config.init_from is only used to fine-tune; stage "
+                     f"{config.model.stage!r} starts from scratch: drop --config.init_from.")
   every = {k: config[k] for k in ("log_every_steps", "eval_every_steps",
                                   "checkpoint_every_steps")}
   if min(every.values()) < 1:
