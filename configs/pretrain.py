@@ -7,6 +7,11 @@ synthetic dataset, 24x24 random crops, 8 dates, a narrow UNet3Df) and still show
 falling:
 
   python -m cscl_jax.main --config=configs/pretrain.py:quick --workdir=workdirs/pretrain_quick
+
+`:t31tfm` is the paper's France benchmark (T31TFM_1618, downloaded by hand, see README.md):
+
+  python -m cscl_jax.main --config=configs/pretrain.py:t31tfm --workdir=workdirs/pretrain_fr \
+      --config.dataset.manual_dir=/path/to/T31TFM_1618
 """
 
 import ml_collections
@@ -15,7 +20,7 @@ from configs import common
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """Returns the pre-training config; variant "" (the paper) or "quick"."""
+  """Returns the pre-training config; variant "" (the paper), "quick" or "t31tfm"."""
   config = common.get_config()
   config.model.stage = "pretrain"
   config.num_epochs = 50  # Reference France CSCL config.
@@ -31,6 +36,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.log_every_steps = 15
     config.eval_every_steps = 75
     config.checkpoint_every_steps = 75
+  elif variant == "t31tfm":
+    config.dataset.name = "t31tfm_1618"
+    config.dataset.config = "default"
+    config.dataset.time_sampling = "first"  # the reference keeps the first T dates
+    config.model.num_classes = 20
   elif variant:
-    raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py; use '' or 'quick'.")
+    raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py; use '', 'quick' "
+                     "or 't31tfm'.")
   return config
