@@ -259,6 +259,10 @@ def context_self_similarity(q: jax.Array, key: jax.Array, rel_h: jax.Array,
   out_hw = (_output_size(height, stride), _output_size(width, stride))
   q = q[:, ::stride, ::stride].astype(dtype)  # [B, H', W', A]
   rel = relative_embedding(rel_h, rel_w).astype(dtype)  # [K, A]
+  # Under shard_map the (replicated) position embedding must vary over the same mesh
+  # axes as the queries, or the custom VJP's gradient types do not match; outside
+  # shard_map (jit, pmap, vmap) the axis set is empty and this is a no-op.
+  rel = jax.lax.pcast(rel, tuple(jax.typeof(q).manual_axis_type.varying), to="varying")
   window = (kernel_size, stride, dilation, groups, norm_emb)
   terms = _neighbourhood(q, key.astype(dtype), rel, window)
   sim = terms[0]  # <q, key + rel> per offset and group: [B, H', W', K, G]
