@@ -6,7 +6,19 @@
 
 Any config field can be overridden, e.g. `--config.batch_size=8`; a mistyped field is an
 error. Rerunning a command with the same workdir resumes from its latest checkpoint.
+
+Multi-host (e.g. a TPU pod slice): run the same command on every host, with a --workdir
+that all hosts share (e.g. gs://...). `jax.distributed.initialize` is called when
+  * `--config.distributed=True`: JAX finds the coordinator, process count and id itself
+    on Cloud TPU VMs (pods, GKE), SLURM and Open MPI; or when
+  * the environment sets JAX_COORDINATOR_ADDRESS (host:port of process 0), for a launch by
+    hand; then JAX_NUM_PROCESSES and JAX_PROCESS_ID give the process count and this
+    process's id (where unset, JAX detects them as above).
+Each process reads its own share of the data, batch_size stays the global batch, all
+processes save checkpoints together, and only process 0 writes logs, plots and metrics.
 """
+
+import os
 
 import logging as std_logging
 
@@ -28,6 +40,16 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _env_int(name: str) -> int | None:
+  """The integer in environment variable `name`, or None if it is unset."""
+  value = os.environ.get(name)
+  if value is None:
+    return None
+  if not value.isdigit():
+    raise ValueError(f"{name}={value!r} must be a non-negative integer (or unset).")
+  return int(value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -37,8 +59,9 @@ def main(argv):
   # TensorFlow only feeds the input pipeline: keep it off the accelerators.
   tf.config.set_visible_devices([], "GPU")
   config = FLAGS.config
-  if config.distributed:
-    jax.distributed.initialize()
+  if config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
+                               process_id=_env_int("JAX_PROCESS_ID"))
   logging.info("JAX process %d of %d; local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   train.train_and_evaluate(config, FLAGS.workdir)

@@ -1,0 +1,216 @@
+"""Multi-process training: 2 local CPU processes (jax.distributed) against one process.
+
+The step test starts two processes with 2 CPU devices each, joined by
+`jax.distributed.initialize` (gloo collectives); they train on their halves of a fixed
+global batch and must reach the parameters that one device reaches on the whole batch.
+The loop's multi-process specifics (each process reads its own share of the data; only
+process 0 writes logs, plots and metrics.json) are checked in-process with a patched
+process index.
+"""
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from flax import jax_utils
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+from cscl_jax import input_pipeline
+from cscl_jax import models
+from cscl_jax import train
+from configs import test as test_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLOBAL_BATCH, NUM_STEPS, LEARNING_RATE = 8, 2, 0.1
+# (stage, how the steps run across processes): the loop's pmap, and jit(shard_map).
+CASES = (("pretrain", "pmap"), ("finetune", "shard_map"))
+
+_CHILD = """
+import sys
+import jax
+port, process_id, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.config.update("jax_num_cpu_devices", 2)
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=process_id)
+import test_distributed
+test_distributed.child_main(out)
+"""
+
+
+def _config(stage: str):
+  config = test_config.get_config()
+  config.model.stage = stage
+  return config
+
+
+def _initial_state(config):
+  """The tiny model with plain SGD: Adam would turn float noise in zero gradients into
+  full-size steps, which no tolerance could compare."""
+  model = models.create_model(config.model, axis_name=train.AXIS)
+  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   train.learning_rate_schedule(config, 10))
+  tx = optax.sgd(LEARNING_RATE)
+  return state.replace(tx=tx, opt_state=tx.init(state.params))
+
+
+def _global_batches(config):
+  """NUM_STEPS fixed global batches, identical in every process."""
+  m, rng = config.model, np.random.default_rng(0)
+  hw = (GLOBAL_BATCH, m.img_res, m.img_res)
+  for _ in range(NUM_STEPS):
+    labels = np.repeat(np.repeat(rng.integers(0, m.num_classes + 1, hw[:1] + (4, 4)),
+                                 m.img_res // 4, 1), m.img_res // 4, 2)
+    yield {"inputs": rng.normal(size=hw[:1] + (m.max_seq_len,) + hw[1:] + (m.num_channels,)
+                                ).astype(np.float32),
+           "labels": labels.astype(np.int32), "valid": rng.random(hw) > 0.1}
+
+
+def _this_process_share(batch):
+  """This process's rows of a global batch, as [local devices, b, ...]."""
+  per_process = GLOBAL_BATCH // jax.process_count()
+  start = jax.process_index() * per_process
+  return jax.tree.map(lambda x: x[start:start + per_process].reshape(
+      (jax.local_device_count(), -1) + x.shape[1:]), batch)
+
+
+def _train_pmap(config, devices=None):
+  """NUM_STEPS of `train.train_step` under pmap, as the loop runs them."""
+  step = jax.pmap(functools.partial(train.train_step, config=config, axis_name=train.AXIS),
+                  axis_name=train.AXIS, devices=devices)
+  local = devices or jax.local_devices()
+  state = jax_utils.replicate(_initial_state(config), devices=local, axis_name=train.AXIS)
+  for batch in _global_batches(config):
+    if devices is None:
+      batch = _this_process_share(batch)
+    else:
+      batch = jax.tree.map(lambda x: x.reshape((len(devices), -1) + x.shape[1:]), batch)
+    state, _ = step(state, batch)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], state.params)
+
+
+def _train_shard_map(config):
+  """NUM_STEPS of `train.train_step` under jit(shard_map) over every process's devices."""
+  mesh = Mesh(np.array(jax.devices()), (train.AXIS,))
+  step = jax.jit(jax.shard_map(
+      functools.partial(train.train_step, config=config, axis_name=train.AXIS), mesh=mesh,
+      in_specs=(P(), P(train.AXIS)), out_specs=P()))
+  state = jax.device_put(_initial_state(config), NamedSharding(mesh, P()))
+  for batch in _global_batches(config):
+    share = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), _this_process_share(batch))
+    batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P(train.AXIS)), x), share)
+    state, _ = step(state, batch)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+
+
+def child_main(out: str) -> None:
+  """Runs every case in this process of the 2-process group; process 0 saves params."""
+  assert jax.process_count() == 2 and jax.local_device_count() == 2
+  run = {"pmap": _train_pmap, "shard_map": _train_shard_map}
+  results = {stage: run[how](_config(stage)) for stage, how in CASES}
+  if jax.process_index() == 0:
+    flat = {f"{stage}/{jax.tree_util.keystr(path)}": leaf for stage, params in results.items()
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    np.savez(out, **flat)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_device(tmp_path):
+  out, port = str(tmp_path / "params.npz"), _free_port()
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+  # Not conftest's 8 devices (the children ask for 2 each); tiny programs compile twice as
+  # fast without XLA's backend optimisations.
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  children = [subprocess.Popen([sys.executable, "-c", _CHILD, str(port), str(i), out],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    logs = [child.communicate(timeout=300)[0] for child in children]
+  finally:
+    for child in children:
+      child.kill()
+  for i, child in enumerate(children):
+    assert child.returncode == 0, f"process {i}:\n{logs[i][-3000:]}"
+  saved = np.load(out)
+  for stage, _ in CASES:
+    expected = _train_pmap(_config(stage), devices=jax.devices()[:1])
+    leaves = jax.tree_util.tree_leaves_with_path(expected)
+    for path, leaf in leaves:
+      got = saved[f"{stage}/{jax.tree_util.keystr(path)}"]
+      assert np.isfinite(got).all()
+      np.testing.assert_allclose(got, leaf, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{stage} {jax.tree_util.keystr(path)}")
+    initial = jax.tree.leaves(_initial_state(_config(stage)).params)
+    assert any(not np.allclose(a, b) for a, b in zip(initial, jax.tree.leaves(expected)))
+
+
+# --- The loop's multi-process specifics, in this process with a patched process index. ---
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _pretend_process(monkeypatch, index: int, count: int = 2) -> None:
+  monkeypatch.setattr(jax, "process_index", lambda *_: index)
+  monkeypatch.setattr(jax, "process_count", lambda *_: count)
+
+
+def test_each_process_reads_its_own_share(data_dir, monkeypatch):
+  config = _config("pretrain")
+  config.dataset.data_dir, config.batch_size = data_dir, 8  # 8 local devices
+  examples = np.concatenate([b["inputs"].reshape((-1,) + b["inputs"].shape[2:]) for b in
+                             input_pipeline.create_split(config, "train", train=False)])
+  per_process = len(examples) // 2  # the 24 train examples, in order
+  config.batch_size = 16
+  for index in range(2):
+    _pretend_process(monkeypatch, index)
+    batches = list(input_pipeline.create_split(config, "train", train=False))
+    # batch_size is global: 16 / 2 processes / 8 devices = 1 sample per device.
+    assert len(batches) == 1 and batches[0]["inputs"].shape[:2] == (8, 1)
+    start = index * per_process
+    np.testing.assert_array_equal(batches[0]["inputs"][:, 0], examples[start:start + 8])
+
+
+def test_only_process_0_writes(data_dir, tmp_path, monkeypatch):
+  config = _config("pretrain")
+  config.dataset.data_dir = data_dir
+  writers = []
+
+  def recording_writer(workdir, *, just_logging):
+    writers.append(just_logging)
+    raise InterruptedError  # The rest of the loop is not needed here.
+
+  monkeypatch.setattr(train.metric_writers, "create_default_writer", recording_writer)
+  batch = next(input_pipeline.create_split(config, "validation", train=False))
+  monkeypatch.setattr(input_pipeline, "create_split", lambda *_, **__: iter([batch]))
+  num_devices = batch["labels"].shape[0]
+  sums = {k: np.ones(num_devices) for k in ("loss", "sim_same_sum", "same_count",
+                                            "sim_diff_sum", "diff_count")}
+  sim = np.zeros(batch["labels"].shape + (3, 3), np.float32)
+  info = input_pipeline.dataset_info(config)
+  for index in (1, 0):
+    _pretend_process(monkeypatch, index)
+    with pytest.raises(InterruptedError):
+      train.train_and_evaluate(config, str(tmp_path))
+    train._eval_and_report(lambda state, b: (sums, sim), None, 7, config, str(tmp_path),
+                           info, train.metric_writers.LoggingWriter())
+    written = {os.path.exists(tmp_path / "metrics.json"),
+               os.path.exists(tmp_path / "plots" / "eval_0000007.png")}
+    assert written == {index == 0}
+  assert writers == [True, False]  # process 1 only logs; process 0 writes TensorBoard
+  with open(tmp_path / "metrics.json") as f:
+    assert json.load(f)["step"] == 7
