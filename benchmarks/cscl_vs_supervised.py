@@ -23,6 +23,7 @@ the encoder must be one that can be pre-trained (unet3df, unet2d_convlstm):
 
 import json
 import os
+import sys
 import textwrap
 import time
 
@@ -184,7 +185,9 @@ def main(argv):
            f"steps vs cscl {runs['pretrain'][0].num_train_steps} pretrain + "
            f"{runs['finetune'][0].num_train_steps} finetune; eval on '{FLAGS.eval_split}'; "
            f"{len(seeds)} seeds")
-  table = results_table(results, pretrain, f"# CSCL vs supervised\n\n{setup}.")
+  command = " ".join(["python -m benchmarks.cscl_vs_supervised"] + sys.argv[1:])
+  table = results_table(results, pretrain,
+                        f"# CSCL vs supervised\n\n{setup}.\n\n    {command}")
   with open(os.path.join(outdir, "results.md"), "w") as f:
     f.write(table)
   results_plot(results, os.path.join(outdir, "results.png"), setup)
