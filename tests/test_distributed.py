@@ -80,40 +80,40 @@ def _this_process_share(batch):
       (jax.local_device_count(), -1) + x.shape[1:]), batch)
 
 
-def _train_pmap(config, devices=None):
-  """NUM_STEPS of `train.train_step` under pmap, as the loop runs them."""
+def _train_pmap(config):
+  """NUM_STEPS of `train.train_step` under pmap on every process, as the loop runs them."""
   step = jax.pmap(functools.partial(train.train_step, config=config, axis_name=train.AXIS),
-                  axis_name=train.AXIS, devices=devices)
-  local = devices or jax.local_devices()
-  state = jax_utils.replicate(_initial_state(config), devices=local, axis_name=train.AXIS)
+                  axis_name=train.AXIS)
+  state = jax_utils.replicate(_initial_state(config), axis_name=train.AXIS)
   for batch in _global_batches(config):
-    if devices is None:
-      batch = _this_process_share(batch)
-    else:
-      batch = jax.tree.map(lambda x: x.reshape((len(devices), -1) + x.shape[1:]), batch)
-    state, _ = step(state, batch)
+    state, _ = step(state, _this_process_share(batch))
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], state.params)
 
 
-def _train_shard_map(config):
-  """NUM_STEPS of `train.train_step` under jit(shard_map) over every process's devices."""
-  mesh = Mesh(np.array(jax.devices()), (train.AXIS,))
+def _train_shard_map(config, devices):
+  """NUM_STEPS of `train.train_step` under jit(shard_map) over `devices` (of any process)."""
+  mesh = Mesh(np.array(devices), (train.AXIS,))
   step = jax.jit(jax.shard_map(
       functools.partial(train.train_step, config=config, axis_name=train.AXIS), mesh=mesh,
       in_specs=(P(), P(train.AXIS)), out_specs=P()))
   state = jax.device_put(_initial_state(config), NamedSharding(mesh, P()))
+  compiled = None
   for batch in _global_batches(config):
     share = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), _this_process_share(batch))
     batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
         NamedSharding(mesh, P(train.AXIS)), x), share)
-    state, _ = step(state, batch)
+    # Tiny arrays: compilation dominates, so skip XLA's backend optimisations.
+    compiled = compiled or step.lower(state, batch).compile(
+        {"xla_backend_optimization_level": 0})
+    state, _ = compiled(state, batch)
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
 
 
 def child_main(out: str) -> None:
   """Runs every case in this process of the 2-process group; process 0 saves params."""
   assert jax.process_count() == 2 and jax.local_device_count() == 2
-  run = {"pmap": _train_pmap, "shard_map": _train_shard_map}
+  run = {"pmap": _train_pmap,
+         "shard_map": functools.partial(_train_shard_map, devices=jax.devices())}
   results = {stage: run[how](_config(stage)) for stage, how in CASES}
   if jax.process_index() == 0:
     flat = {f"{stage}/{jax.tree_util.keystr(path)}": leaf for stage, params in results.items()
@@ -145,7 +145,7 @@ def test_two_processes_train_like_one_device(tmp_path):
     assert child.returncode == 0, f"process {i}:\n{logs[i][-3000:]}"
   saved = np.load(out)
   for stage, _ in CASES:
-    expected = _train_pmap(_config(stage), devices=jax.devices()[:1])
+    expected = _train_shard_map(_config(stage), jax.devices()[:1])
     leaves = jax.tree_util.tree_leaves_with_path(expected)
     for path, leaf in leaves:
       got = saved[f"{stage}/{jax.tree_util.keystr(path)}"]
