@@ -8,7 +8,9 @@ Any config field can be overridden, e.g. `--config.batch_size=8`; a mistyped fie
 error. Rerunning a command with the same workdir resumes from its latest checkpoint.
 
 Multi-host (e.g. a TPU pod slice): run the same command on every host, with a --workdir
-that all hosts share (e.g. gs://...). `jax.distributed.initialize` is called when
+on a file system that all hosts mount (NFS, a gcsfuse mount of a bucket; the config,
+metrics and plot files are written with plain `open`, so not a gs:// URL) and the dataset
+built once beforehand. `jax.distributed.initialize` is called when
   * `--config.distributed=True`: JAX finds the coordinator, process count and id itself
     on Cloud TPU VMs (pods, GKE), SLURM and Open MPI; or when
   * the environment sets JAX_COORDINATOR_ADDRESS (host:port of process 0), for a launch by
@@ -18,9 +20,8 @@ Each process reads its own share of the data, batch_size stays the global batch,
 processes save checkpoints together, and only process 0 writes logs, plots and metrics.
 """
 
-import os
-
 import logging as std_logging
+import os
 
 from absl import app
 from absl import flags

@@ -28,6 +28,7 @@ from clu import periodic_actions
 from flax import jax_utils
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 from jax import lax
 import jax.numpy as jnp
 import ml_collections
@@ -221,6 +222,20 @@ def _stop_requests():
       signal.signal(s, h)
 
 
+def _stop_agreed(requested: bool, step: int, every: int) -> bool:
+  """Whether to stop after `step`: at once with one process; with several, all together.
+
+  Each host gets its own SIGTERM, maybe steps apart, and a stop (a collective save) that
+  not every process takes deadlocks the run. So processes agree every `every` steps, where
+  the loop waits for the devices anyway, and stop when any of them was asked to.
+  """
+  if jax.process_count() == 1:
+    return requested
+  if step % every:
+    return False
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
   """One clear error for a config the loop cannot run."""
   if config.model.stage not in STAGES:
@@ -324,8 +339,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for step in range(start_step + 1, num_steps + 1):
         state, step_metrics = p_train_step(state, next(train_iter))
         history.append(step_metrics)
+        stop_now = _stop_agreed(stop.is_set(), step, config.log_every_steps)
         do_eval = step == num_steps or step % config.eval_every_steps == 0
-        do_save = do_eval or stop.is_set() or step % config.checkpoint_every_steps == 0
+        do_save = do_eval or stop_now or step % config.checkpoint_every_steps == 0
         if do_save or step % config.log_every_steps == 0:
           history = jax.tree.map(lambda x: x[0], jax.device_get(history))
           summary = summarize_train(history, step - len(history) + 1)
@@ -339,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if do_save:
           checkpoints.save(manager, step, jax_utils.unreplicate(state),
                            scores if eval_done_at == step else None)
-        if stop.is_set():
+        if stop_now:
           raise KeyboardInterrupt(f"Stopped at step {step}; saved a checkpoint there. "
                                   "Run the same command again to resume.")
     if eval_done_at is None:  # Resumed a finished run: evaluate what it left.

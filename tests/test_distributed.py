@@ -115,10 +115,12 @@ def child_main(out: str) -> None:
   run = {"pmap": _train_pmap,
          "shard_map": functools.partial(_train_shard_map, devices=jax.devices())}
   results = {stage: run[how](_config(stage)) for stage, how in CASES}
+  # Only process 1 got a SIGTERM: both stop at the next agreement step (every 2 steps).
+  stops = [train._stop_agreed(jax.process_index() == 1, step, every=2) for step in (3, 4)]
   if jax.process_index() == 0:
     flat = {f"{stage}/{jax.tree_util.keystr(path)}": leaf for stage, params in results.items()
             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    np.savez(out, **flat)
+    np.savez(out, stops=np.array(stops), **flat)
 
 
 def _free_port() -> int:
@@ -144,6 +146,7 @@ def test_two_processes_train_like_one_device(tmp_path):
   for i, child in enumerate(children):
     assert child.returncode == 0, f"process {i}:\n{logs[i][-3000:]}"
   saved = np.load(out)
+  assert saved["stops"].tolist() == [False, True]
   for stage, _ in CASES:
     expected = _train_shard_map(_config(stage), jax.devices()[:1])
     leaves = jax.tree_util.tree_leaves_with_path(expected)
