@@ -170,5 +170,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
           "--config.init_from=<that workdir>).")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    # Atomically: the other processes may be reading the previous one (checked above).
+    with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
