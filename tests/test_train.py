@@ -188,18 +188,21 @@ def test_resume_is_exact(data_dir, tmp_path, caplog):
   _assert_trees_close(params_a, params_b, rtol=0, atol=0)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+def _on_train_step(monkeypatch, at_step, change):
+  """Patches the pipeline so that the batch of training step `at_step` is change(batch)."""
   real_create_split = input_pipeline.create_split
 
-  def poisoned(config, split, *, train, start_step=0):
-    for step, batch in enumerate(real_create_split(config, split, train=train,
-                                                   start_step=start_step),
-                                 start=start_step + 1):
-      if train and step == 3:
-        batch = {**batch, "inputs": np.full_like(batch["inputs"], np.nan)}
-      yield batch
+  def patched(config, split, *, train, start_step=0):
+    batches = real_create_split(config, split, train=train, start_step=start_step)
+    for step, batch in enumerate(batches, start=start_step + 1):
+      yield change(batch) if train and step == at_step else batch
 
-  monkeypatch.setattr(input_pipeline, "create_split", poisoned)
+  monkeypatch.setattr(input_pipeline, "create_split", patched)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+  _on_train_step(monkeypatch, 3,
+                 lambda batch: {**batch, "inputs": np.full_like(batch["inputs"], np.nan)})
   workdir = str(tmp_path / "nan")
   config = _run_config(data_dir, 4, checkpoint_every_steps=1, eval_every_steps=10)
   with pytest.raises(FloatingPointError, match="at step 3"):
@@ -210,17 +213,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 
 
 def test_sigterm_saves_a_checkpoint(data_dir, tmp_path, monkeypatch):
-  real_create_split = input_pipeline.create_split
+  def interrupt(batch):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return batch
 
-  def interrupted(config, split, *, train, start_step=0):
-    for step, batch in enumerate(real_create_split(config, split, train=train,
-                                                   start_step=start_step),
-                                 start=start_step + 1):
-      if train and step == 3:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-
-  monkeypatch.setattr(input_pipeline, "create_split", interrupted)
+  _on_train_step(monkeypatch, 3, interrupt)
   workdir, handler = str(tmp_path / "sigterm"), signal.getsignal(signal.SIGTERM)
   config = _run_config(data_dir, 4, checkpoint_every_steps=10, eval_every_steps=10)
   with pytest.raises(KeyboardInterrupt, match="Stopped at step 3"):
