@@ -7,6 +7,7 @@ that fine-tuning loads. Every torch model has random weights AND random BatchNor
 statistics, in eval mode.
 """
 
+import functools
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -23,9 +25,11 @@ from cscl_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from cscl_jax import convert
 from cscl_jax import cscl
 from cscl_jax import models
+from cscl_jax import train
 from cscl_jax.models import layers
 from cscl_jax.models import unet2d_convlstm
 import torch_reference as tr
+from configs import test as test_config
 
 RTOL = 2e-5  # max |ours - torch| / max |torch|: float32 round-off
 
@@ -313,6 +317,23 @@ def test_cli_writes_a_checkpoint_that_finetuning_loads(tmp_path, capsys):
   same(params["encoder"], converted["params"]["encoder"])
   same(batch_stats, converted["batch_stats"])
   assert jax.tree.structure(params["head"]) == jax.tree.structure(fresh["params"]["head"])
+
+  # One fine-tuning step of train.py from the converted encoder (one device: a vmap axis).
+  config = test_config.get_config()
+  config.model.update(model_config.to_dict())
+  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2),
+                                  batch_stats=batch_stats)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.normal(size=(1, 2, 4, 8, 8, 3)).astype(np.float32),
+           "labels": rng.integers(0, 6, size=(1, 2, 8, 8)).astype(np.int32)}
+  batch["valid"] = batch["labels"] < 5
+  step = jax.vmap(functools.partial(train.train_step, config=config, axis_name="batch"),
+                  in_axes=(None, 0), axis_name="batch")
+  stepped, step_metrics = step(state, batch)
+  assert np.isfinite(step_metrics["loss"]).all() and int(stepped.step[0]) == 1
+  moved = jax.tree.map(lambda a, b: not np.allclose(a[0], b), stepped.params["encoder"],
+                       params["encoder"])
+  assert any(jax.tree.leaves(moved))
 
   with pytest.raises(ValueError, match="already holds checkpoints"):
     convert.convert_checkpoint(str(tmp_path / "model.pth"), workdir, "UNET3Df", "pretrain",
