@@ -13,12 +13,12 @@ jitted step, an upper bound of its peak. Everything in one run, so ratios are fa
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import measure
 from cscl_jax import cscl
 
 
@@ -53,20 +53,7 @@ def projection_loss(params, emb, target, *, readout):
 def compile_step(loss_fn, args):
   """Returns (jit(value_and_grad(loss_fn)) compiled for args, its memory in bytes)."""
   step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*args).compile()
-  memory = step.memory_analysis()
-  return step, (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                + memory.output_size_in_bytes)
-
-
-def median_times(steps, args, repeats):
-  """Median seconds per step; the steps take turns, so load changes hit all alike."""
-  times = {name: [] for name in steps}
-  for _ in range(repeats + 1):  # the first round is the warm-up
-    for name, step in steps.items():
-      start = time.perf_counter()
-      jax.block_until_ready(step(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t[1:])) for name, t in times.items()}
+  return step, measure.compiled_bytes(step)
 
 
 def run(batch, size, channels, kernel_size, repeats):
@@ -94,7 +81,7 @@ def run(batch, size, channels, kernel_size, repeats):
   np.testing.assert_allclose(ours, naive, rtol=1e-4, atol=1e-5)  # same maths
   args = (params, emb, target)
   compiled = {name: compile_step(fn, args) for name, fn in variants.items()}
-  times = median_times({name: step for name, (step, _) in compiled.items()}, args,
+  times = measure.median_times({name: step for name, (step, _) in compiled.items()}, args,
                        repeats)
   memory = {name: m for name, (_, m) in compiled.items()}
   return [(batch, name, 1e3 * times[name], times[name] / times["ours"],

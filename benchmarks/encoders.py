@@ -16,8 +16,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks import measure
 from configs import common
 from cscl_jax import models
 
@@ -32,7 +32,7 @@ CASES = {
 }
 
 
-def measure(fields, batch_size, repeats, dtype):
+def measure_case(fields, batch_size, repeats, dtype):
   """Returns a table row (params, compile s, ms per sample, memory MiB) for one case."""
   config = common.get_config().model
   config.update(fields)
@@ -54,18 +54,10 @@ def measure(fields, batch_size, repeats, dtype):
   step = jax.jit(jax.grad(loss, has_aux=True)).lower(
       variables["params"], variables["batch_stats"], x).compile()
   compile_s = time.perf_counter() - start
-  memory = step.memory_analysis()
-  mib = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-         + memory.output_size_in_bytes) / 2**20
   args = (variables["params"], variables["batch_stats"], x)
-  jax.block_until_ready(step(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(step(*args))
-    times.append(time.perf_counter() - start)
+  seconds = measure.median_times({"step": step}, args, repeats)["step"]
   params = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
-  return params, compile_s, 1e3 * float(np.median(times)) / batch_size, mib
+  return params, compile_s, 1e3 * seconds / batch_size, measure.compiled_bytes(step) / 2**20
 
 
 def main():
@@ -82,7 +74,7 @@ def main():
         f"| {'fwd+bwd ms/sample':>17} | {'memory MiB':>10} |")
   print(f"|{'-' * 30}|{'-' * 12}|{'-' * 11}|{'-' * 19}|{'-' * 12}|")
   for case in args.cases.split(","):
-    params, compile_s, ms, mib = measure(CASES[case], args.batch_size, args.repeats,
+    params, compile_s, ms, mib = measure_case(CASES[case], args.batch_size, args.repeats,
                                          args.dtype)
     print(f"| {case:28} | {params:>10,} | {compile_s:>9.1f} | {ms:>17.1f} | {mib:>10.0f} |",
           flush=True)
