@@ -67,6 +67,12 @@ class SitsInfo:
   def unknown_label(self) -> int:
     return self.num_classes
 
+  @property
+  def rgb_channels(self) -> tuple[int, int, int]:
+    """The input channels of B04, B03, B02 (red, green, blue); (0, 1, 2) if one is absent."""
+    rgb = ("B04", "B03", "B02")
+    return tuple(self.bands.index(b) for b in rgb) if set(rgb) <= set(self.bands) else (0, 1, 2)
+
 
 def _build_command(config: ml_collections.ConfigDict) -> str:
   d = config.dataset

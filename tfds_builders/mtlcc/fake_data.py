@@ -21,7 +21,7 @@ SIZE = 24  # pixels at 10 m
 ROOT = pathlib.Path("data_IJGI18", "datasets", "full", "240")
 # Raw codes: unknown 0, crops the reference keeps (1, 5, 22, 26) and an unlisted code (4).
 CODES = (0, 1, 4, 5, 22, 26)
-SPLITS = {"train_fold0.tileids": 4, "test_fold0.tileids": 2, "eval.tileids": 2}
+SPLIT_FILES = ("train_fold0.tileids", "test_fold0.tileids", "eval.tileids")
 
 
 def _int64_feature(array: np.ndarray) -> tf.train.Feature:
@@ -52,14 +52,21 @@ def fake_record(rng: np.random.Generator, year: int) -> bytes:
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def write(root: str | pathlib.Path, *, seed: int = 0) -> pathlib.Path:
-  """Writes a fake MTLCC folder at `root` (both years, every split file); returns `root`."""
+def write(root: str | pathlib.Path, *, num_tiles: tuple[int, int, int] = (4, 2, 2),
+          seed: int = 0) -> pathlib.Path:
+  """Writes a fake MTLCC folder at `root` and returns `root`.
+
+  Args:
+    root: where to write; the 240 folder is root/ROOT.
+    num_tiles: tiles of train_fold0, test_fold0 and eval, each in data16 and data17.
+    seed: seed of the random values.
+  """
   root = pathlib.Path(root)
   rng = np.random.default_rng(seed)
   base = root / ROOT
   (base / "tileids").mkdir(parents=True, exist_ok=True)
   tile = 16000
-  for name, count in SPLITS.items():
+  for name, count in zip(SPLIT_FILES, num_tiles):
     tiles = [str(tile + 17 * i) for i in range(count)]
     tile += 17 * count
     (base / "tileids" / name).write_text("\n".join(tiles) + "\n")

@@ -1,13 +1,13 @@
 """Builds mtlcc from fake folders in the exact MTLCC layout (see fake_data.py)."""
 
 import gzip
-import tempfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfds_builders import testing
 from . import fake_data
 from . import mtlcc_dataset_builder as builder_lib
 
@@ -16,40 +16,24 @@ _REFERENCE_REMAP = {0: 17, 1: 0, 2: 1, 3: 2, 5: 3, 8: 4, 9: 5, 12: 6, 13: 7, 15:
                     17: 10, 19: 11, 22: 12, 23: 13, 24: 14, 25: 15, 26: 16}
 
 
-class _FakeFolder:
-  """Writes the fake folder for a tfds.testing case."""
-
-  @classmethod
-  def setUpClass(cls):
-    cls._tmp = tempfile.TemporaryDirectory()
-    cls.EXAMPLE_DIR = str(fake_data.write(cls._tmp.name))
-    super().setUpClass()
-
-  @classmethod
-  def tearDownClass(cls):
-    super().tearDownClass()
-    cls._tmp.cleanup()
-
-
-class MtlccData16Test(_FakeFolder, tfds.testing.DatasetBuilderTestCase):
+class MtlccData16Test(testing.FakeFolder, tfds.testing.DatasetBuilderTestCase):
   """Builds data16, reads it back, reloads it, checks splits, tags and registration."""
   DATASET_CLASS = builder_lib.Builder
   BUILDER_CONFIG_NAMES_TO_TEST = ["data16"]
   SPLITS = {"train": 4, "validation": 2, "test": 2}
+  write_fake = staticmethod(fake_data.write)
 
 
-class MtlccAllTest(_FakeFolder, tfds.testing.DatasetBuilderTestCase):
+class MtlccAllTest(testing.FakeFolder, tfds.testing.DatasetBuilderTestCase):
   """Builds `all`: both years."""
   DATASET_CLASS = builder_lib.Builder
   BUILDER_CONFIG_NAMES_TO_TEST = ["all"]
   SPLITS = {"train": 8, "validation": 4, "test": 4}
+  write_fake = staticmethod(fake_data.write)
 
 
 def _build(tmp_path, manual_dir, config="data16"):
-  builder = builder_lib.Builder(config=config, data_dir=str(tmp_path / "tfds"))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  return builder
+  return testing.build(builder_lib.Builder, tmp_path, manual_dir, config)
 
 
 def _parse(path):

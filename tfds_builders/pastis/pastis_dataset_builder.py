@@ -19,11 +19,10 @@ follow `cscl_jax.features`:
 * parcel_ids: ParcelIDs.
 
 Configs: `fold<k>`, k = 1..5, whole 128x128 patches with test = Fold k, validation = Fold k % 5
-+ 1, train = the three others (U-TAE numbers its folds otherwise: its fold 1 tests on Fold 5);
-`fold<k>_24x24` cuts every patch into 24x24 windows as PASTIS24 (TSViT) does, but keeps every
-pixel: the reference takes 5x5 windows at multiples of 24 and drops the last 8 rows and
-columns; here 6x6 windows start at round(i * 104 / 5) = 0, 21, 42, 62, 83, 104 and overlap a
-little. Windows of a patch stay in its fold's split.
++ 1, train = the three others; `fold<k>_24x24` cuts every patch into 24x24 windows as PASTIS24
+(TSViT) does, but keeps every pixel: the reference takes 5x5 windows at multiples of 24 and
+drops the last 8 rows and columns; here 6x6 windows start at round(i * 104 / 5) = 0, 21, 42,
+62, 83, 104 and overlap a little. Windows of a patch stay in its fold's split.
 """
 
 import dataclasses

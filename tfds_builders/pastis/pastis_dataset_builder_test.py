@@ -1,52 +1,39 @@
 """Builds pastis from fake folders in the exact PASTIS layout (see fake_data.py)."""
 
+import functools
 import json
-import tempfile
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tfds_builders import testing
 from . import fake_data
 from . import pastis_dataset_builder as builder_lib
 
 _SIZE = 56  # 2 x 24 + 8: the 24x24 cut has a remainder, as 128 = 5 x 24 + 8 has
+# 10 patches, 2 per fold.
+_write_fake = functools.partial(fake_data.write, patches_per_fold=2, size=_SIZE)
 
 
-class _FakeFolder:
-  """Writes the fake folder for a tfds.testing case (10 patches, 2 per fold)."""
-
-  @classmethod
-  def setUpClass(cls):
-    cls._tmp = tempfile.TemporaryDirectory()
-    cls.EXAMPLE_DIR = str(fake_data.write(cls._tmp.name, patches_per_fold=2, size=_SIZE))
-    super().setUpClass()
-
-  @classmethod
-  def tearDownClass(cls):
-    super().tearDownClass()
-    cls._tmp.cleanup()
-
-
-class PastisFoldTest(_FakeFolder, tfds.testing.DatasetBuilderTestCase):
+class PastisFoldTest(testing.FakeFolder, tfds.testing.DatasetBuilderTestCase):
   """Builds fold1 (train Folds 3-5, validation 2, test 1), reads it back, checks the splits."""
   DATASET_CLASS = builder_lib.Builder
   BUILDER_CONFIG_NAMES_TO_TEST = ["fold1"]
   SPLITS = {"train": 6, "validation": 2, "test": 2}
+  write_fake = staticmethod(_write_fake)
 
 
-class PastisWindowsTest(_FakeFolder, tfds.testing.DatasetBuilderTestCase):
+class PastisWindowsTest(testing.FakeFolder, tfds.testing.DatasetBuilderTestCase):
   """Builds fold5_24x24: 3 x 3 windows of each 56x56 patch (train Folds 2-4, val 1, test 5)."""
   DATASET_CLASS = builder_lib.Builder
   BUILDER_CONFIG_NAMES_TO_TEST = ["fold5_24x24"]
   SPLITS = {"train": 54, "validation": 18, "test": 18}
+  write_fake = staticmethod(_write_fake)
 
 
 def _build(tmp_path, manual_dir, config="fold1"):
-  builder = builder_lib.Builder(config=config, data_dir=str(tmp_path / "tfds"))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  return builder
+  return testing.build(builder_lib.Builder, tmp_path, manual_dir, config)
 
 
 def _patches(root):
