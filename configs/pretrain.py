@@ -15,7 +15,8 @@ falling:
 
 `:pastis` is PASTIS24 as TSViT uses it (24x24 windows of the 10-band PASTIS patches, the first
 T = 60 dates, 19 classes with void unknown; the UNet3Df encoder), on the split that tests on
-Fold 1 (--config.dataset.config=fold<k>_24x24 for the others):
+Fold 1 (--config.dataset.config=fold<k>_24x24 for the others). Inputs are reflectance x 1e-4
+as for every dataset here; TSViT standardises PASTIS with per-band means and deviations:
 
   python -m cscl_jax.main --config=configs/pretrain.py:pastis --workdir=workdirs/pretrain_pastis \
       --config.dataset.manual_dir=/path/to/PASTIS
