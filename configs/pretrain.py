@@ -12,6 +12,22 @@ falling:
 
   python -m cscl_jax.main --config=configs/pretrain.py:t31tfm --workdir=workdirs/pretrain_fr \
       --config.dataset.manual_dir=/path/to/T31TFM_1618
+
+`:pastis` is PASTIS24 as TSViT uses it (24x24 windows of the 10-band PASTIS patches, the first
+T = 60 dates, 19 classes with void unknown; the UNet3Df encoder), on the split that tests on
+Fold 1 (--config.dataset.config=fold<k>_24x24 for the others). Inputs are reflectance x 1e-4
+as for every dataset here; TSViT standardises PASTIS with per-band means and deviations:
+
+  python -m cscl_jax.main --config=configs/pretrain.py:pastis --workdir=workdirs/pretrain_pastis \
+      --config.dataset.manual_dir=/path/to/PASTIS
+
+`:mtlcc` is the reference's MTLCC (Germany) set-up (2016 tiles of 24x24, T = 16, 17 classes;
+the UNet2D-ConvLSTM encoder). The reference draws 16 random dates per sample; here they are
+spread evenly. It evaluates on the `validation` split (test_fold0); the published numbers are
+on `test` (eval.tileids): --config.dataset.eval_split=test.
+
+  python -m cscl_jax.main --config=configs/pretrain.py:mtlcc --workdir=workdirs/pretrain_mtlcc \
+      --config.dataset.manual_dir=/path/to/MTLCC
 """
 
 import ml_collections
@@ -20,7 +36,7 @@ from configs import common
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """Returns the pre-training config; variant "" (the paper), "quick" or "t31tfm"."""
+  """Returns the pre-training config; variant "", "quick", "t31tfm", "pastis" or "mtlcc"."""
   config = common.get_config()
   config.model.stage = "pretrain"
   config.num_epochs = 50  # Reference France CSCL config.
@@ -41,7 +57,22 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.dataset.config = "default"
     config.dataset.time_sampling = "first"  # the reference keeps the first T dates
     config.model.num_classes = 20
+  elif variant == "pastis":
+    config.dataset.name = "pastis"
+    config.dataset.config = "fold1_24x24"
+    config.dataset.time_sampling = "first"  # TSViT's PASTIS24: the first T dates
+    config.model.num_channels = 11  # B02 B03 B04 B05 B06 B07 B08 B8A B11 B12 + day of year
+    config.model.img_res = 24
+    config.model.max_seq_len = 60
+    config.model.num_classes = 19  # background + 18 crops; void = unknown
+  elif variant == "mtlcc":
+    config.dataset.name = "mtlcc"
+    config.dataset.config = "data16"
+    config.model.name = "unet2d_convlstm"
+    config.model.num_channels = 14  # 13 bands + day of year (no constant year channel)
+    config.model.img_res = 24
+    config.model.num_classes = 17  # 17 crops; unknown = 17
   elif variant:
-    raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py; use '', 'quick' "
-                     "or 't31tfm'.")
+    raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py; use '', 'quick', "
+                     "'t31tfm', 'pastis' or 'mtlcc'.")
   return config

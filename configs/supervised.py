@@ -15,7 +15,7 @@ from configs import finetune
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """Returns the supervised baseline config; variant "" (the paper), "quick" or "t31tfm"."""
+  """Returns the supervised baseline config; variant as in configs/pretrain.py."""
   config = finetune.get_config(variant)
   config.model.name = "unet3d"
   config.model.stage = "supervised"

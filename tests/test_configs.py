@@ -5,7 +5,7 @@ import pytest
 from configs import finetune, pretrain, supervised
 from configs import test as test_config
 
-VARIANTS = ("", "quick", "t31tfm")
+VARIANTS = ("", "quick", "t31tfm", "pastis", "mtlcc")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -28,6 +28,14 @@ def test_t31tfm_variant_is_the_french_benchmark():
   config = pretrain.get_config("t31tfm")
   assert config.dataset.name == "t31tfm_1618"
   assert config.model.num_classes == 20 and config.dataset.time_sampling == "first"
+
+
+@pytest.mark.parametrize("variant, name, shape", [
+    ("pastis", "pastis", (11, 60, 24, 19)), ("mtlcc", "mtlcc", (14, 16, 24, 17))])
+def test_benchmark_variants_have_the_published_shapes(variant, name, shape):
+  model = pretrain.get_config(variant).model
+  assert pretrain.get_config(variant).dataset.name == name
+  assert (model.num_channels, model.max_seq_len, model.img_res, model.num_classes) == shape
 
 
 def test_an_unknown_variant_is_refused():

@@ -5,7 +5,7 @@ native resolution, the days of year and the 10 m ground truths (SPEC.md §4). Ea
 follows `cscl_jax.features`:
 
 * image: the 13 bands on the 10 m grid in BANDS order; the 20 m and 60 m bands are upsampled
-  bilinearly with half-pixel centres and edge clamping (torch `F.upsample(mode="bilinear")`,
+  by `tfds_builders.resample.resize_bilinear` (torch `F.upsample(mode="bilinear")`,
   align_corners=False, as the reference; also `tf.image.resize(method="bilinear")`), then
   rounded to whole digital numbers (the reference keeps the fraction: at most 0.5e-4 off).
 * doy: every date of the file (the input pipeline cuts or pads to T).
@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cscl_jax import features
+from tfds_builders import resample
 
 # Native pixel size of each band in units of 10 m.
 _FACTOR = {**dict.fromkeys(("B02", "B03", "B04", "B08"), 1),
@@ -42,21 +43,6 @@ def _label_map() -> tuple[np.ndarray, np.ndarray, int]:
   spec = json.loads((tfds.core.Path(__file__).parent / "labels_20k2k.json").read_text())
   codes = np.array(sorted(int(code) for code in spec["map"]))
   return codes, np.array([spec["map"][str(code)] for code in codes]), spec["unknown_class"]
-
-
-def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Resizes [..., h, w] to [..., height, width]: bilinear, half-pixel centres, edges clamped."""
-  for axis, size in ((-2, height), (-1, width)):
-    n = image.shape[axis]
-    source = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
-    low = np.floor(source).astype(int)
-    high = np.minimum(low + 1, n - 1)
-    shape = [1] * image.ndim
-    shape[axis] = size
-    weight = (source - low).reshape(shape)
-    image = (np.take(image, low, axis=axis) * (1 - weight)
-             + np.take(image, high, axis=axis) * weight)
-  return image
 
 
 def _checked(path: tfds.core.Path, sample) -> tuple[int, int]:
@@ -91,7 +77,7 @@ def _example(path: tfds.core.Path, label_map) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e}).") from e
   height, width = _checked(path, sample)
   bands = [np.asarray(sample[b], np.float64) for b in features.BANDS]
-  image = np.stack([resize_bilinear(x, height, width) if _FACTOR[b] > 1 else x
+  image = np.stack([resample.resize_bilinear(x, height, width) if _FACTOR[b] > 1 else x
                     for b, x in zip(features.BANDS, bands)], axis=-1)  # [T, H, W, 13]
   codes, classes, unknown = label_map
   raw = np.rint(sample["labels"]).astype(np.int64)
@@ -131,7 +117,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         features=features.sits_features(),
         supervised_keys=None,
         homepage="https://github.com/michaeltrs/DeepSatModels",
-        metadata=tfds.core.MetadataDict(class_names=[_CODE_NAMES[c] for c in codes]),
+        metadata=features.sits_metadata(features.BANDS, [_CODE_NAMES[c] for c in codes]),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
