@@ -43,7 +43,7 @@ def plan(tiles: list[products.Tile], options: pipeline.Options, block: float,
 
   Returns:
     (options with the class names, tile-years [(year, tile)], tasks by split
-    {split: [(tile-year index, WindowSpec)]}, parcel stats, guard windows).
+    {split: [(tile-year index, WindowSpec)]}, parcel stats by tile folder, guard windows).
 
   Raises:
     ValueError: no parcel intersects any tile.
@@ -55,10 +55,8 @@ def plan(tiles: list[products.Tile], options: pipeline.Options, block: float,
   per_tile = {t.source: parcels_lib.for_tile(f, t.crs, b, options.label_map,
                                              options.class_names)
               for t, f, b in zip(tiles, frames, bounds)}
-  stats = collections.Counter()
-  for p in per_tile.values():
-    stats.update(p.stats)
-  if not stats["in_tile"]:
+  stats = {source: p.stats for source, p in per_tile.items()}
+  if not any(s["in_tile"] for s in stats.values()):
     raise ValueError(
         f"No parcel of {options.parcels} intersects the tiles "
         f"{[(t.name, str(t.crs), b) for t, b in zip(tiles, bounds)]}: are the parcels and "
@@ -72,7 +70,7 @@ def plan(tiles: list[products.Tile], options: pipeline.Options, block: float,
     guard += dropped
     for spec in planned:
       tasks[spec.split].append((index, spec))
-  return options, tile_years, tasks, dict(stats), guard
+  return options, tile_years, tasks, stats, guard
 
 
 def _metadata(options, tile_years, parcel_stats, tasks, guard) -> dict:
