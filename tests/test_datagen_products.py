@@ -83,6 +83,16 @@ def test_l1c_reads_b10_and_has_no_mask(roots):
     np.testing.assert_array_equal(reader.read(window).image, _expected(window, 2, b10=True))
 
 
+def test_l1c_cloud_mask(tmp_path):
+  fake_products.write_safe(str(tmp_path), SIZE, level="1C", classi=True)
+  tile = products.discover_tile(str(tmp_path))
+  assert tile.has_mask
+  with products.TileReader(tile) as reader:
+    fraction = reader.read(Window(0, 0, SIZE, SIZE)).cloud_fraction
+  # MSK_CLASSI at 60 m: cloud on rows 0-4 of 6 (from SCL rows 0, 3, ..., 12 of 0-13).
+  np.testing.assert_allclose(fraction, [0, 0, 30 / SIZE, 0])
+
+
 def test_products_of_one_date_are_merged(tmp_path):
   fake_products.write_geotiffs(str(tmp_path / "a"), SIZE, fake_products.DATES[:1])
   # A second product of the same date (YYYYMMDD name) fills the first one's no-data.

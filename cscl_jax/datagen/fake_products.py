@@ -54,22 +54,26 @@ def scl_array(date: int, size: int) -> np.ndarray:
 
 
 def _write(path: epath.Path, data: np.ndarray, factor: int, jp2: bool) -> None:
+  """Writes [H, W] or [C, H, W] on the fake tile's grid at 10 * factor metres."""
   path.parent.mkdir(parents=True, exist_ok=True)
+  data = data[None] if data.ndim == 2 else data
   profile = dict(driver="JP2OpenJPEG", QUALITY=100, REVERSIBLE="YES") if jp2 else dict(
-      driver="GTiff")
+      driver="GTiff", tiled=True, blockxsize=256, blockysize=256, compress="deflate")
   transform = rasterio.Affine(10 * factor, 0, ORIGIN[0], 0, -10 * factor, ORIGIN[1])
-  with rasterio.open(path, "w", width=data.shape[1], height=data.shape[0], count=1,
+  with rasterio.open(path, "w", width=data.shape[2], height=data.shape[1], count=len(data),
                      dtype=data.dtype, crs=CRS, transform=transform, **profile) as dst:
-    dst.write(data, 1)
+    dst.write(data)
 
 
 def write_safe(root: str, size: int = 72, dates: Sequence[datetime.date] = DATES,
-               level: str = "2A", tile: str = "T31TFM", baseline: str = "0206") -> list[str]:
+               level: str = "2A", tile: str = "T31TFM", baseline: str = "0206",
+               classi: bool = False) -> list[str]:
   """Writes one .SAFE product a date under `root`; returns their paths.
 
   L2A: bands at native resolution in R10m/R20m/R60m, SCL_20m, no B10, and a decoy B04_20m of
   zeros (readers must take the native 10 m file). Baseline >= 0400: values + 1000 and an
-  MTD_MSIL2A.xml with BOA_ADD_OFFSET -1000, as real products.
+  MTD_MSIL2A.xml with BOA_ADD_OFFSET -1000, as real products. L1C with `classi`: a
+  QI_DATA/MSK_CLASSI_B00.jp2 (60 m; opaque clouds where the SCL would say cloud).
   """
   paths = []
   offset = 1000 if int(baseline) >= 400 else 0
@@ -91,6 +95,11 @@ def write_safe(root: str, size: int = 72, dates: Sequence[datetime.date] = DATES
       _write(img / "R20m" / f"{tile}_{stamp}T105429_SCL_20m.jp2", scl_array(d, size), 2, True)
       _write(img / "R20m" / f"{tile}_{stamp}T105429_B04_20m.jp2",
              np.zeros((size // 2, size // 2), np.uint16), 2, jp2=True)
+    if classi:
+      cloud = scl_array(d, size)[::3, ::3] == 9  # 20 m -> 60 m
+      _write(img.parent / "QI_DATA" / "MSK_CLASSI_B00.jp2",
+             np.stack([cloud, np.zeros_like(cloud), np.zeros_like(cloud)]).astype(np.uint8),
+             6, jp2=True)
     if offset:
       (safe / f"MTD_MSIL{level}.xml").write_text(
           '<Product_Image_Characteristics><BOA_ADD_OFFSET_VALUES_LIST><BOA_ADD_OFFSET '
@@ -144,6 +153,15 @@ def parcels(size: int = 72) -> gpd.GeoDataFrame:
       {"ID_PARCEL": ["1001", "1002", "1003", "1004", "1005", "1006"],
        "CODE_CULTU": ["BTH", "MIS", "PPH", "MIS", "BTH", "XXX"]},
       geometry=geometries, crs=CRS)
+
+
+def grid_parcels(size: int, cell: int = 20, seed: int = 0) -> gpd.GeoDataFrame:
+  """Fields of `cell` pixels (1-pixel margins) over the whole fake tile, random classes (UTM)."""
+  rng = np.random.default_rng(seed)
+  starts = range(0, size - cell + 1, cell)
+  boxes = [_box(r + 0.5, c + 0.5, r + cell - 0.5, c + cell - 0.5) for r in starts for c in starts]
+  return gpd.GeoDataFrame({"CODE_CULTU": rng.choice(list(LABEL_MAP), len(boxes))},
+                          geometry=boxes, crs=CRS)
 
 
 LABEL_MAP = {"BTH": "wheat", "MIS": "maize", "PPH": "meadow"}

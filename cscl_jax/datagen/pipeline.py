@@ -36,6 +36,7 @@ from cscl_jax.datagen import products
 from cscl_jax.datagen import windows as windows_lib
 
 VERSION = "1.0.0"
+CHUNK = 16  # windows a Beam element
 CONFIG = "default"
 
 
@@ -96,17 +97,20 @@ class WindowBuilder:
     self.tiles = tiles
     self.options = options
     self.stats = collections.Counter()
-    self._tile = None  # index of the tile whose reader and parcels are held
+    self._tile = None  # index of the tile whose reader is open
+    self._source = None  # folder of the tile whose parcels are held (one for all its years)
     self._reader: products.TileReader | None = None
     self._parcels = None
 
   def _use(self, index: int) -> None:
-    if index != self._tile:
-      self.close()
-      tile = self.tiles[index]
-      self._reader = products.TileReader(tile)
-      self._parcels = tile_parcels(tile, self.options).frame
-      self._tile = index
+    if index == self._tile:
+      return
+    tile = self.tiles[index]
+    if self._reader is not None:
+      self._reader.close()
+    self._reader, self._tile = products.TileReader(tile), index
+    if tile.source != self._source:
+      self._parcels, self._source = tile_parcels(tile, self.options).frame, tile.source
 
   def flush(self, folder: str) -> None:
     """Writes `stats` to a new JSON file in `folder` and clears them."""
@@ -119,7 +123,7 @@ class WindowBuilder:
   def close(self) -> None:
     if self._reader is not None:
       self._reader.close()
-    self._tile, self._reader, self._parcels = None, None, None
+    self._tile, self._source, self._reader, self._parcels = None, None, None, None
 
   def _labels(self, spec: windows_lib.WindowSpec, m: int) -> tuple[np.ndarray, np.ndarray]:
     o = self.options
@@ -167,10 +171,11 @@ class _BuildWindows(beam.DoFn):
   def setup(self):
     self._builder = WindowBuilder(self._tiles, self._options)
 
-  def process(self, task):
-    result = self._builder.build(task)
-    if result is not None:
-      yield result
+  def process(self, chunk):
+    for task in chunk:
+      result = self._builder.build(task)
+      if result is not None:
+        yield result
 
   def finish_bundle(self):
     self._builder.flush(self._stats_dir)
@@ -196,8 +201,13 @@ def loop(tiles: list[products.Tile], options: Options, tasks: list, split: str,
 
 def build_transform(tiles: list[products.Tile], options: Options, tasks: list,
                     stats_dir: str) -> beam.PTransform:
-  """The Beam transform yielding (key, example) of `tasks` [(tile index, WindowSpec)]."""
-  return (beam.Create(tasks) | "Reshuffle" >> beam.Reshuffle()
+  """The Beam transform yielding (key, example) of `tasks` [(tile index, WindowSpec)].
+
+  Beam elements are runs of `CHUNK` consecutive tasks (neighbouring windows, see
+  `windows.plan`), so that a worker reads neighbouring windows from GDAL's block cache.
+  """
+  chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
+  return (beam.Create(chunks) | "Reshuffle" >> beam.Reshuffle()
           | "BuildWindows" >> beam.ParDo(_BuildWindows(tiles, options, stats_dir)))
 
 

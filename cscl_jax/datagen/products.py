@@ -4,7 +4,8 @@ Layouts read (one tile per folder; several products of one date are merged into 
 
 * `.SAFE` folders, unzipped: L2A (`GRANULE/*/IMG_DATA/R10m|R20m|R60m/*_B??_??m.jp2`, each band
   taken at its native resolution, scene classification `SCL_20m.jp2`) or L1C
-  (`GRANULE/*/IMG_DATA/*_B??.jp2`, no cloud mask). The radiometric offset of processing
+  (`GRANULE/*/IMG_DATA/*_B??.jp2`; cloud mask `QI_DATA/MSK_CLASSI_B00.jp2` where present,
+  baseline 04.00+: opaque clouds, cirrus, snow). The radiometric offset of processing
   baseline 04.00+ (`BOA_ADD_OFFSET` / `RADIO_ADD_OFFSET` in `MTD_MSI*.xml`, -1000) is added back,
   so digital numbers mean reflectance x 1e4 across baselines.
 * Per-date folders of single-band GeoTIFF/COG files, `<YYYY-MM-DD or YYYYMMDD>/<BAND>.tif`,
@@ -67,6 +68,7 @@ class Product:
     date: acquisition date.
     bands: band name -> file; every band of `features.BANDS` but the optional ones.
     scl: scene classification file, or None.
+    classi: L1C cloud mask file (MSK_CLASSI_B00: 3 bands, non-zero = cloud / cirrus / snow).
     offset: added to every non-zero digital number (-1000 for baseline 04.00+, else 0).
   """
   name: str
@@ -74,6 +76,7 @@ class Product:
   bands: dict[str, str]
   scl: str | None = None
   offset: int = 0
+  classi: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,7 @@ class Tile:
   @property
   def has_mask(self) -> bool:
     """Whether every product has a scene classification (cloud) mask."""
-    return all(p.scl for products in self.acquisitions for p in products)
+    return all(p.scl or p.classi for products in self.acquisitions for p in products)
 
   @property
   def product_names(self) -> tuple[str, ...]:
@@ -155,12 +158,13 @@ def _safe_product(safe: epath.Path) -> tuple[str, Product]:
   # Each band at its native resolution (L2A also holds coarser resamplings of finer bands).
   bands = {b: found[b].get(10 * f) for b, f in resolution.BAND_FACTOR.items() if b in found}
   scl = found.get("SCL", {}).get(20)
+  classi = next(iter(safe.glob("GRANULE/*/QI_DATA/MSK_CLASSI_B00.jp2")), None)
   offset = _read_offset(safe)
   if offset is None:  # No metadata file: the offset follows from the processing baseline.
     offset = -1000 if int(name["baseline"]) >= 400 else 0
   date = datetime.datetime.strptime(name["date"], "%Y%m%d").date()
   return "T" + name["tile"], Product(safe.name, date, {b: p for b, p in bands.items() if p},
-                                     scl, offset)
+                                     scl, offset, str(classi) if classi else None)
 
 
 def _dated_product(folder: epath.Path) -> Product:
@@ -280,15 +284,15 @@ class TileReader:
     src = self._open[path]
     return src, int(round(src.transform.a / self.tile.transform.a))
 
-  def _read(self, path: str, window: Window, offset: int = 0) -> np.ndarray:
-    """Reads one file's window at its native resolution, [h / f, w / f]."""
+  def _read(self, path: str, window: Window, offset: int = 0, band: int = 1) -> np.ndarray:
+    """Reads one band of a file's window at its native resolution, [h / f, w / f]."""
     src, factor = self._source(path)
     native = Window(window.col_off // factor, window.row_off // factor,
                     window.width // factor, window.height // factor)
     inside = (native.col_off >= 0 and native.row_off >= 0
               and native.col_off + native.width <= src.width
               and native.row_off + native.height <= src.height)
-    data = src.read(1, window=native, boundless=not inside, fill_value=0)
+    data = src.read(band, window=native, boundless=not inside, fill_value=0)
     if offset:
       data = np.where(data > 0, np.maximum(data.astype(np.int32) + offset, 1), 0)
     return data
@@ -308,11 +312,13 @@ class TileReader:
     image = np.clip(np.rint(np.stack(bands, axis=-1)), 0, 65535)  # [H, W, 13]
     bad = (image[..., :4] == 0).any(axis=-1)  # no data in a 10 m band
     if product.scl:
-      scl = self._read(product.scl, window)
-      repeat = height // scl.shape[0]
-      scl = np.repeat(np.repeat(scl, repeat, axis=0), repeat, axis=1)  # [H, W], nearest
-      bad |= np.isin(scl, SCL_BAD)
-    return image, bad
+      mask = np.isin(self._read(product.scl, window), SCL_BAD)
+    elif product.classi:
+      mask = np.any([self._read(product.classi, window, band=b) for b in (1, 2, 3)], axis=0)
+    else:
+      return image, bad
+    repeat = height // mask.shape[0]
+    return image, bad | np.repeat(np.repeat(mask, repeat, axis=0), repeat, axis=1)  # nearest
 
   def read(self, window: Window) -> Stack:
     """Reads `window` (10 m pixels, multiples of 6) of every band over every date."""
