@@ -142,6 +142,10 @@ def test_bad_inputs(inputs, tmp_path):
                   {"train": 1.0}, 0)
   with pytest.raises(ValueError, match="No Sentinel-2 products"):
     products.discover_tiles([str(tmp_path)])
+  fake_products.write_safe(str(tmp_path / "again"), dates=fake_products.DATES[:1])
+  with pytest.raises(ValueError, match="Tile T31TFM has 2018 dates in two --products folders"):
+    generate.plan(tiles + [products.discover_tile(str(tmp_path / "again"))],
+                  _options(inputs), 3840, {"train": 1.0}, 0)
 
 
 def _examples(builder, split):

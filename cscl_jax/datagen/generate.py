@@ -46,8 +46,14 @@ def plan(tiles: list[products.Tile], options: pipeline.Options, block: float,
     {split: [(tile-year index, WindowSpec)]}, parcel stats by tile folder, guard windows).
 
   Raises:
-    ValueError: no parcel intersects any tile.
+    ValueError: a tile-year in two folders, or no parcel intersects any tile.
   """
+  seen = {}
+  for year, tile in pipeline.tile_years(tiles):
+    other = seen.setdefault((tile.name, year), tile.source)
+    if other != tile.source:
+      raise ValueError(f"Tile {tile.name} has {year} dates in two --products folders ({other}, "
+                       f"{tile.source}); put the products of a tile and year in one folder.")
   bounds = [pipeline.tile_bounds(t) for t in tiles]
   frames = [parcels_lib.read(options.parcels, options.class_column, options.id_column, b,
                              t.crs) for t, b in zip(tiles, bounds)]
