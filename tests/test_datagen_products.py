@@ -62,6 +62,17 @@ def test_both_layouts_read_the_encoded_pixels(roots):
   np.testing.assert_array_equal(got.doy, [d.timetuple().tm_yday for d in fake_products.DATES])
 
 
+def test_windows_beyond_the_tile_read_as_no_data(roots):
+  tile = products.discover_tile(str(roots / "l2a"))
+  with products.TileReader(tile) as reader:
+    stack = reader.read(Window(SIZE - 6, SIZE - 12, 12, 18))
+  inside = _expected(Window(SIZE - 6, SIZE - 12, 6, 12), 4, b10=False)
+  np.testing.assert_array_equal(stack.image[:, :12, :6, :4], inside[..., :4])
+  np.testing.assert_array_equal(stack.image[:, :, 6:, :4], 0)  # 10 m bands: no data outside
+  np.testing.assert_array_equal(stack.image[:, 12:, :, :4], 0)
+  assert stack.bad[:, :, 6:].all() and stack.bad[:, 12:].all()
+
+
 def test_scl_marks_clouds_and_keep_drops_dates(roots):
   tile = products.discover_tile(str(roots / "tif"))
   with products.TileReader(tile) as reader:
