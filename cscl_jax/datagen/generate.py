@@ -54,7 +54,7 @@ def plan(tiles: list[products.Tile], options: pipeline.Options, block: float,
     if other != tile.source:
       raise ValueError(f"Tile {tile.name} has {year} dates in two --products folders ({other}, "
                        f"{tile.source}); put the products of a tile and year in one folder.")
-  bounds = [pipeline.tile_bounds(t) for t in tiles]
+  bounds = [t.bounds for t in tiles]
   frames = [parcels_lib.read(options.parcels, options.class_column, options.id_column, b,
                              t.crs) for t, b in zip(tiles, bounds)]
   options = dataclasses.replace(options, class_names=_class_names(frames, options))

@@ -20,7 +20,6 @@ import datetime
 import json
 import uuid
 
-from absl import logging
 import apache_beam as beam
 from etils import epath
 import numpy as np
@@ -74,16 +73,10 @@ def dataset_features(magnification: int) -> tfds.features.FeaturesDict:
 
 def tile_parcels(tile: products.Tile, options: Options) -> parcels_lib.Parcels:
   """The parcels of a tile, in its CRS, mapped to `options.class_names`."""
-  bounds = tile_bounds(tile)
+  bounds = tile.bounds
   frame = parcels_lib.read(options.parcels, options.class_column, options.id_column, bounds,
                            tile.crs)
   return parcels_lib.for_tile(frame, tile.crs, bounds, options.label_map, options.class_names)
-
-
-def tile_bounds(tile: products.Tile) -> tuple[float, float, float, float]:
-  left, top = tile.transform * (0, 0)
-  right, bottom = tile.transform * (tile.width, tile.height)
-  return min(left, right), min(top, bottom), max(left, right), max(top, bottom)
 
 
 class WindowBuilder:

@@ -18,7 +18,7 @@ API (stable; `cscl_jax.predict` and `cscl_jax.datagen` build on it):
 
   tile = discover_tile("products/T31TFM", start=None, end=None)   # -> Tile, or ValueError
   tile.name, tile.crs, tile.transform, tile.width, tile.height    # the tile's 10 m grid
-  tile.dates, tile.has_mask, tile.product_names
+  tile.bounds, tile.dates, tile.has_mask, tile.product_names
   with TileReader(tile) as reader:                                # caches open files
     stack = reader.read(rasterio.windows.Window(col, row, width, height))
   stack.image  uint16 [T, H, W, 13]  digital numbers in `features.BANDS` order at 10 m; 20 m and
@@ -93,6 +93,11 @@ class Tile:
   @property
   def dates(self) -> tuple[datetime.date, ...]:
     return tuple(products[0].date for products in self.acquisitions)
+
+  @property
+  def bounds(self) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of the tile in its CRS."""
+    return rasterio.transform.array_bounds(self.height, self.width, self.transform)[:4]
 
   @property
   def has_mask(self) -> bool:
