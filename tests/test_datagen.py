@@ -5,6 +5,9 @@ The fake tile is 72 x 72 pixels at 10 m (EPSG:32631); the parcels (EPSG:2154) ar
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from cscl_jax.datagen import pipeline
 from cscl_jax.datagen import products
 from cscl_jax.datagen import windows
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEAT, MAIZE, MEADOW, UNKNOWN = 0, 1, 2, 3
 B04 = features.BANDS.index("B04")
 
@@ -199,3 +203,16 @@ def test_main_pretrains_and_finetunes_on_it(inputs, tmp_path):
   with open(tmp_path / "ft" / "metrics.json") as f:
     scores = json.load(f)
   assert scores["step"] == 2 and 0 <= scores["miou"] <= 1
+
+
+def test_command_line(inputs, tmp_path):
+  command = [sys.executable, "-m", "cscl_jax.datagen", f"--products={inputs / 'l2a'}",
+             f"--parcels={inputs / 'parcels.gpkg'}", "--class_column=CODE_CULTU",
+             f"--label_map={inputs / 'map.json'}", "--label_res=5", f"--out={tmp_path}",
+             "--name=cli", "--splits=train=1", "--window=12"]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert ("--config.dataset.name=cli --config.dataset.data_dir="
+          f"{tmp_path} --config.model.num_classes=3") in result.stdout
+  summary = json.loads((tmp_path / "cli" / "default" / "1.0.0" / "summary.json").read_text())
+  assert summary["windows"]["train"] == summary["windows_planned"]["train"] > 0
