@@ -81,12 +81,25 @@ def _build_command(config: ml_collections.ConfigDict) -> str:
   return command + "".join(f" --{k}={d[k]}" for k in ("data_dir", "manual_dir") if d[k])
 
 
+def _generated_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the builder of a dataset written by `python -m cscl_jax.datagen` (latest version)."""
+  d = config.dataset
+  folder = tfds.core.Path(d.data_dir or tfds.core.constants.DATA_DIR) / d.name / d.config
+  versions = sorted((p for p in folder.glob("*/dataset_info.json")
+                     if tfds.core.Version.is_valid(p.parent.name)),
+                    key=lambda p: tfds.core.Version(p.parent.name)) if folder.exists() else []
+  if not versions:
+    raise ValueError(f"config.dataset.name={d.name!r} is neither a SITS dataset "
+                     f"{sorted(_BUILDERS)} nor a dataset made by `python -m cscl_jax.datagen` "
+                     f"in {folder} (set config.dataset.data_dir to its --out).")
+  return tfds.builder_from_directory(str(versions[-1].parent))
+
+
 def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Returns the dataset builder, preparing the dataset first if it is not on disk."""
   d = config.dataset
   if d.name not in _BUILDERS:
-    raise ValueError(f"config.dataset.name={d.name!r} is not a SITS dataset; use one of "
-                     f"{sorted(_BUILDERS)}.")
+    return _generated_builder(config)
   builder = _BUILDERS[d.name].Builder(config=d.config, data_dir=d.data_dir)
   if not builder.is_prepared():
     if jax.process_count() > 1:

@@ -170,7 +170,7 @@ def test_bad_split_batch_and_name(data_dir):
   with pytest.raises(ValueError, match="fewer examples per process than one batch of 16"):
     input_pipeline.create_split(config, "validation", train=False)
   config.dataset.name = "mnist"
-  with pytest.raises(ValueError, match="not a SITS dataset"):
+  with pytest.raises(ValueError, match="neither a SITS dataset"):
     input_pipeline.dataset_info(config)
 
 

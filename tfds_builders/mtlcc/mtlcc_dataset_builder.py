@@ -11,7 +11,7 @@ id a line. Examples follow `cscl_jax.features`:
   (B02 B03 B04 B08 | B05 B06 B07 B8A B11 B12 | B01 B09 B10; the records carry no names: the
   10 m order is the one MTLCC readers index, B04 at 2 and B08 at 3, the others are taken in
   band-number order). x20 and x60 are upsampled to 10 m by
-  `tfds_builders.resample.resize_bilinear`, as the France builder and the reference
+  `cscl_jax.resolution.resize_bilinear`, as the France builder and the reference
   (`F.upsample(mode="bilinear")`) do, then rounded.
 * doy: `dates/doy`. The reference also appends `dates/year` - 2016 as a 15th channel; it
   converts data16 only, so that channel is 0 throughout, and it is left out here.
@@ -36,7 +36,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cscl_jax import features
-from tfds_builders import resample
+from cscl_jax import resolution
 
 BANDS = ("B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12",
          "B01", "B09", "B10")
@@ -99,7 +99,7 @@ def _example(path, record: bytes) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}: wrong shapes for labels {labels.shape} and T = {num_dates}: "
                      f"{', '.join(wrong) or 'labels not a multiple of 6 pixels'}.")
   bands = [x["x10"]] + [
-      np.moveaxis(resample.resize_bilinear(np.moveaxis(x[n].astype(np.float64), -1, 1),
+      np.moveaxis(resolution.resize_bilinear(np.moveaxis(x[n].astype(np.float64), -1, 1),
                                            height, width), 1, -1)
       for n in ("x20", "x60")]  # each [T, H, W, c]
   image = np.concatenate(bands, axis=-1)  # [T, H, W, 13]
