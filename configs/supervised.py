@@ -17,6 +17,7 @@ from configs import finetune
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   """Returns the supervised baseline config; variant "" (the paper), "quick" or "t31tfm"."""
   config = finetune.get_config(variant)
-  config.model.name = "unet3d"
+  if config.model.name == "unet3df":  # UNet3Df's baseline; the others keep their own.
+    config.model.name = "unet3d"
   config.model.stage = "supervised"
   return config
