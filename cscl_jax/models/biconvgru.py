@@ -33,7 +33,7 @@ from cscl_jax.models import layers
 
 
 class ConvGRUCell(nn.Module):
-  """One masked ConvGRU step; scanned over time by `nn.scan`.
+  """One masked ConvGRU step; `nn.scan` runs it over time (carry: the state).
 
   Attributes:
     hidden: hidden channels.
@@ -44,8 +44,8 @@ class ConvGRUCell(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, inputs: tuple[jax.Array, jax.Array]
-               ) -> tuple[jax.Array, jax.Array]:
-    """h [B, H, W, hidden], (x [B, H, W, C], valid [B]) -> (h', h')."""
+               ) -> tuple[jax.Array, None]:
+    """h [B, H, W, hidden], (x [B, H, W, C], valid [B]) -> (h', None)."""
     x, valid = inputs
 
     def gate(name):  # Conv2d 3x3 of [input, state] with bias, PyTorch init.
@@ -57,31 +57,7 @@ class ConvGRUCell(nn.Module):
     reset = nn.sigmoid(gate("reset_gate")(stacked))
     candidate = jnp.tanh(gate("out_gate")(jnp.concatenate([x, h * reset], axis=-1)))
     new = h * (1 - update) + candidate * update
-    h = jnp.where(valid[:, None, None, None], new, h)  # padded dates: state unchanged
-    return h, h
-
-
-class ConvGRU(nn.Module):
-  """One-layer ConvGRU over [B, T, H, W, C] from a zero state; returns the final state.
-
-  Attributes:
-    hidden: hidden channels.
-    dtype: computation dtype.
-  """
-  hidden: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
-    """x [B, T, H, W, C], valid bool [B, T] -> final state [B, H, W, hidden]."""
-    b, t, h, w, _ = x.shape
-    # Unrolled like the ConvLSTM (unet2d_convlstm.py): T is small and XLA:CPU runs
-    # convolution gradients inside a loop much slower than unrolled.
-    scan = nn.scan(ConvGRUCell, variable_broadcast="params", split_rngs={"params": False},
-                   in_axes=1, out_axes=1, unroll=t)
-    state = jnp.zeros((b, h, w, self.hidden), self.dtype)
-    state, _ = scan(self.hidden, dtype=self.dtype, name="cell")(state, (x, valid))
-    return state
+    return jnp.where(valid[:, None, None, None], new, h), None  # padding: h unchanged
 
 
 class BiConvGRU(nn.Module):
@@ -111,7 +87,14 @@ class BiConvGRU(nn.Module):
     x = nn.Conv(self.conv3d_dim, (1, 3, 3), padding=((0, 0), (1, 1), (1, 1)),
                 dtype=self.dtype, kernel_init=layers.TORCH_DEFAULT_INIT,
                 name="inconv")(x)  # [B, T, H, W, conv3d_dim]
-    gru = lambda name: ConvGRU(self.rnn_hidden_dim, dtype=self.dtype, name=name)
-    forward = gru("forward")(x, valid)  # [B, H, W, hidden]
-    backward = gru("backward")(x[:, ::-1], valid[:, ::-1])  # [B, H, W, hidden]
+    # One-layer ConvGRUs from a zero state, unrolled like the ConvLSTM
+    # (unet2d_convlstm.py): T is small and XLA:CPU runs convolution gradients inside a
+    # loop much slower than unrolled.
+    scan = nn.scan(ConvGRUCell, variable_broadcast="params", split_rngs={"params": False},
+                   in_axes=1, out_axes=1, unroll=x.shape[1])
+    b, _, h, w, _ = x.shape
+    zeros = jnp.zeros((b, h, w, self.rnn_hidden_dim), self.dtype)
+    gru = lambda name: scan(self.rnn_hidden_dim, dtype=self.dtype, name=name)
+    forward, _ = gru("forward")(zeros, (x, valid))  # final state [B, H, W, hidden]
+    backward, _ = gru("backward")(zeros, (x[:, ::-1], valid[:, ::-1]))  # [B, H, W, hidden]
     return jnp.concatenate([forward, backward], axis=-1)  # [B, H, W, 2 hidden]
