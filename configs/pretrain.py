@@ -8,6 +8,11 @@ falling:
 
   python -m cscl_jax.main --config=configs/pretrain.py:quick --workdir=workdirs/pretrain_quick
 
+`:quick_biconvgru` and `:quick_tsvit` are the same quick run with a narrow BiConvGRU or
+TSViT (model.name overridden; finetune.py and supervised.py take the same variants):
+
+  python -m cscl_jax.main --config=configs/pretrain.py:quick_tsvit --workdir=workdirs/pre_tsvit
+
 `:t31tfm` is the paper's France benchmark (T31TFM_1618, downloaded by hand, see README.md):
 
   python -m cscl_jax.main --config=configs/pretrain.py:t31tfm --workdir=workdirs/pretrain_fr \
@@ -34,13 +39,25 @@ import ml_collections
 
 from configs import common
 
+# Narrow versions of the other encoders for the quick run: variant "quick_<name>".
+QUICK_MODELS = {
+    "biconvgru": dict(conv3d_dim=16, rnn_hidden_dim=32),
+    "tsvit": dict(patch_size=2, dim=32, temporal_depth=2, spatial_depth=2, heads=2,
+                  dim_head=16, scale_dim=2),
+}
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """Returns the pre-training config; variant "", "quick", "t31tfm", "pastis" or "mtlcc"."""
+  """Returns the pre-training config.
+
+  Args:
+    variant: "", "quick", "quick_<encoder>" (QUICK_MODELS), "t31tfm", "pastis" or "mtlcc".
+  """
   config = common.get_config()
   config.model.stage = "pretrain"
   config.num_epochs = 50  # Reference France CSCL config.
-  if variant == "quick":
+  quick_model = variant[len("quick_"):] if variant.startswith("quick_") else None
+  if variant == "quick" or quick_model in QUICK_MODELS:
     config.dataset.config = "small"
     config.model.img_res = 24
     config.model.max_seq_len = 8
@@ -52,6 +69,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.log_every_steps = 15
     config.eval_every_steps = 75
     config.checkpoint_every_steps = 75
+    if quick_model:
+      config.model.name = quick_model
+      config.model.update(QUICK_MODELS[quick_model])
   elif variant == "t31tfm":
     config.dataset.name = "t31tfm_1618"
     config.dataset.config = "default"
@@ -73,6 +93,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.img_res = 24
     config.model.num_classes = 17  # 17 crops; unknown = 17
   elif variant:
+    quick = ", ".join(f"'quick_{name}'" for name in QUICK_MODELS)
     raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py; use '', 'quick', "
-                     "'t31tfm', 'pastis' or 'mtlcc'.")
+                     f"{quick}, 't31tfm', 'pastis' or 'mtlcc'.")
   return config

@@ -7,6 +7,9 @@ compare directly with the CSCL pre-trained model's. Quick version:
 
   python -m cscl_jax.main --config=configs/supervised.py:quick \
       --workdir=workdirs/supervised_quick
+
+UNet3D is UNet3Df's baseline; the other encoders (`:quick_biconvgru`, `:quick_tsvit`, or
+--config.model.name=...) are their own baseline, trained from scratch with their classifier.
 """
 
 import ml_collections
@@ -17,6 +20,7 @@ from configs import finetune
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   """Returns the supervised baseline config; variant as in configs/pretrain.py."""
   config = finetune.get_config(variant)
-  config.model.name = "unet3d"
+  if config.model.name == "unet3df":  # UNet3Df's baseline; the others keep their own.
+    config.model.name = "unet3d"
   config.model.stage = "supervised"
   return config

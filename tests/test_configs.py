@@ -1,11 +1,14 @@
 """The launch configs: each builds and locks, and the stages of one variant fit together."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import finetune, pretrain, supervised
 from configs import test as test_config
+from cscl_jax import models
 
-VARIANTS = ("", "quick", "t31tfm", "pastis", "mtlcc")
+VARIANTS = ("", "quick", "t31tfm", "pastis", "mtlcc", "quick_biconvgru", "quick_tsvit")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -22,6 +25,20 @@ def test_stages_of_a_variant_share_data_and_encoder_shape(variant):
     # The dataset section follows the model's shapes (field references).
     assert config.dataset.img_res == config.model.img_res
     assert config.dataset.num_classes == config.model.num_classes
+
+
+@pytest.mark.parametrize("name", ["biconvgru", "tsvit"])
+def test_quick_encoder_variants_build_for_their_data(name):
+  # Every stage of quick_<name> is that encoder (its own supervised baseline), on the
+  # quick run's data shapes.
+  for module in (pretrain, finetune, supervised):
+    m = module.get_config(f"quick_{name}").model
+    assert m.name == name
+    model = models.create_model(m)
+    x = jax.ShapeDtypeStruct((1, m.max_seq_len, m.img_res, m.img_res, m.num_channels),
+                             jnp.float32)
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)  # pylint: disable=cell-var-from-loop
+  assert supervised.get_config("quick").model.name == "unet3d"  # UNet3Df's baseline
 
 
 def test_t31tfm_variant_is_the_french_benchmark():

@@ -6,7 +6,8 @@
   pretrain           head = cscl.ContextSelfSimilarity -> similarities [B, H', W', k, k]
   finetune/supervised head = Classifier                -> logits [B, H, W, num_classes]
 
-An encoder that classifies by itself (UNet3D) has no head.
+An encoder that classifies by itself has no head in fine-tuning; UNet3D cannot be
+pre-trained, TSViT (OWN_CLASSIFIER) is pre-trained with the CSCL head on its scores.
 """
 
 from typing import Any
@@ -20,6 +21,9 @@ from cscl_jax import cscl
 from cscl_jax.models import layers
 
 STAGES = ("pretrain", "finetune", "supervised")
+# `classifier_kernel` of an encoder whose output already is per-pixel class scores
+# (TSViT): no head in fine-tuning, the CSCL head on those scores in pre-training.
+OWN_CLASSIFIER = 0
 
 
 class Classifier(nn.Module):
@@ -66,7 +70,8 @@ def make_head(model_config: ml_collections.ConfigDict, *, classifier_kernel: int
   Args:
     model_config: config.model (stage, num_classes and the CSCL head's fields).
     classifier_kernel: the encoder's classifier kernel size; None for an
-      encoder that classifies by itself (no head, no pre-training).
+      encoder that classifies by itself (no head, no pre-training); OWN_CLASSIFIER
+      for one whose class scores are its per-pixel embedding.
     dtype: computation dtype of the CSCL head's projections.
 
   Returns:
@@ -76,7 +81,7 @@ def make_head(model_config: ml_collections.ConfigDict, *, classifier_kernel: int
   if stage not in STAGES:
     raise ValueError(f"model.stage={stage!r}; choose one of {STAGES}.")
   if stage != "pretrain":
-    if classifier_kernel is None:
+    if classifier_kernel in (None, OWN_CLASSIFIER):
       return None
     return Classifier(model_config.num_classes, classifier_kernel)
   if classifier_kernel is None:
