@@ -92,7 +92,8 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
       raise RuntimeError(f"{d.name}/{d.config} is not prepared in {builder.data_dir}; build it "
                          f"once before a multi-process run: {_build_command(config)}")
     _check_manual_dir(config, builder)
-    logging.info("Preparing %s/%s in %s.", d.name, d.config, builder.data_dir)
+    logging.info("Preparing %s/%s in %s (only on first use).", d.name, d.config,
+                 builder.data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=d.manual_dir))
   return builder

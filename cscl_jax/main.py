@@ -11,7 +11,7 @@ Rerunning a command with the same workdir resumes from its latest checkpoint; Ct
 SIGTERM saves a checkpoint and exits with status 130 / 143.
 
 The console shows the run's own lines; TensorFlow's C++ log (TF_CPP_MIN_LOG_LEVEL=2 unless
-set), TFDS's and orbax's INFO chatter and JAX's TPU probe are turned down. `--verbosity=1`
+set), TFDS's and orbax's INFO chatter and progress bars, and JAX's TPU probe are turned down. `--verbosity=1`
 (or TF_CPP_MIN_LOG_LEVEL=0) brings them back.
 
 Multi-host (e.g. a TPU pod slice): run the same command on every host, with a --workdir
@@ -39,6 +39,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from cscl_jax import console
 from cscl_jax import preemption
@@ -76,6 +77,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.verbosity <= 0:  # Unless asked for more: the run's own lines only.
     console.quiet_third_party_logs(logging.get_absl_handler())
+    tfds.disable_progress_bar()  # A dataset's first build logs its start and end.
   # TensorFlow only feeds the input pipeline: keep it off the accelerators.
   tf.config.set_visible_devices([], "GPU")
   config = FLAGS.config
