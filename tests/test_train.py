@@ -267,7 +267,7 @@ def test_resume_is_exact(data_dir, tmp_path, caplog):
   train.train_and_evaluate(_run_config(data_dir, 2), resumed)
   with caplog.at_level("INFO"):
     train.train_and_evaluate(_run_config(data_dir, 4), resumed)
-  assert "Resumed from step 2" in caplog.text
+  assert "resuming at step 2" in caplog.text
   (step_a, params_a), (step_b, params_b) = _latest_params(straight), _latest_params(resumed)
   assert step_a == step_b == 4
   _assert_trees_close(params_a, params_b, rtol=0, atol=0)
