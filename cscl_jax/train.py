@@ -14,7 +14,6 @@ axis, losses are the global-batch losses.
 """
 
 from collections.abc import Iterable, Sequence
-import contextlib
 import functools
 import itertools
 import json

@@ -6,7 +6,6 @@
 import pytest
 
 from configs import finetune, pretrain, supervised
-from configs import test as test_config
 
 VARIANTS = ("", "quick", "t31tfm")
 

@@ -16,7 +16,6 @@ import pytest
 
 from cscl_jax import checkpoints
 from cscl_jax import input_pipeline
-from cscl_jax import metrics
 from cscl_jax import models
 from cscl_jax import preemption
 from cscl_jax import train
