@@ -152,6 +152,19 @@ def test_eval_counts_every_example_once(data_dir, processes, batch_size):
   assert len(seen) == len(set(seen)) == 24
 
 
+def test_create_split_reads_through_the_info_it_is_given(data_dir, monkeypatch):
+  """Every evaluation reuses the run's builder: no re-opening, no re-checking."""
+  config = _config(data_dir)
+  info = input_pipeline.dataset_info(config)
+
+  def reopen(config):
+    raise AssertionError("the dataset was opened again")
+
+  monkeypatch.setattr(input_pipeline, "_prepared_builder", reopen)
+  batch = next(input_pipeline.create_split(config, "validation", train=False, info=info))
+  assert batch["labels"].shape == (8, 1, 16, 16)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("num_classes", 20, "config.model.num_classes=20, but sits_synthetic has 12 classes"),
     ("num_channels", 15, "config.model.num_channels=15"),
