@@ -1,4 +1,7 @@
-"""The launch configs: each builds and locks, and the stages of one variant fit together."""
+"""The launch configs: each builds, and the stages of one variant fit together.
+
+(That `main` locks them, so a misspelt `--config.x` fails, is tested in test_main.py.)
+"""
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +61,3 @@ def test_benchmark_variants_have_the_published_shapes(variant, name, shape):
 def test_an_unknown_variant_is_refused():
   with pytest.raises(ValueError, match="'quickk'"):
     finetune.get_config("quickk")
-
-
-def test_a_misspelt_override_fails_loudly():
-  config = test_config.get_config()
-  config.lock()
-  with pytest.raises(AttributeError):
-    config.model.num_feature = 3  # pylint: disable=attribute-defined-outside-init
