@@ -8,6 +8,12 @@ falling:
 
   python -m cscl_jax.main --config=configs/pretrain.py:quick --workdir=workdirs/pretrain_quick
 
+`:utae` puts U-TAE (the original's PASTIS widths, f = 16) in place of UNet3Df, and
+`:utae_quick` is `:quick` with a narrow U-TAE (f = 4):
+
+  python -m cscl_jax.main --config=configs/pretrain.py:utae_quick \
+      --workdir=workdirs/pretrain_utae_quick
+
 `:t31tfm` is the paper's France benchmark (T31TFM_1618, downloaded by hand, see README.md):
 
   python -m cscl_jax.main --config=configs/pretrain.py:t31tfm --workdir=workdirs/pretrain_fr \
@@ -20,15 +26,18 @@ from configs import common
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """Returns the pre-training config; variant "" (the paper), "quick" or "t31tfm"."""
+  """Returns the pre-training config of `variant` (see the module docstring)."""
   config = common.get_config()
   config.model.stage = "pretrain"
   config.num_epochs = 50  # Reference France CSCL config.
-  if variant == "quick":
+  if variant.startswith("utae"):
+    config.model.name = "utae"  # num_features f = 16: the original's PASTIS widths.
+  if variant in ("quick", "utae_quick"):
     config.dataset.config = "small"
     config.model.img_res = 24
     config.model.max_seq_len = 8
-    config.model.num_features = 2
+    # U-TAE's 16 attention heads need f divisible by 4.
+    config.model.num_features = 4 if variant == "utae_quick" else 2
     config.model.emb_channels = 32
     config.model.attn_channels = 32
     config.batch_size = 8
@@ -41,7 +50,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.dataset.config = "default"
     config.dataset.time_sampling = "first"  # the reference keeps the first T dates
     config.model.num_classes = 20
-  elif variant:
-    raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py; use '', 'quick' "
-                     "or 't31tfm'.")
+  elif variant not in ("", "utae"):
+    raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py; use '', 'quick', "
+                     "'t31tfm', 'utae' or 'utae_quick'.")
   return config

@@ -5,7 +5,7 @@ import pytest
 from configs import finetune, pretrain, supervised
 from configs import test as test_config
 
-VARIANTS = ("", "quick", "t31tfm")
+VARIANTS = ("", "quick", "t31tfm", "utae", "utae_quick")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
