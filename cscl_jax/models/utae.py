@@ -98,6 +98,7 @@ class DownBlock(nn.Module):
     """Maps [N, H, W, C] to [N, H/2, W/2, features]."""
     conv = lambda width, name, **kw: ConvLayer((width,), norm="group", dtype=self.dtype,
                                                name=name, **kw)
+    # GroupNorm keeps no statistics: the same in training and evaluation.
     x = conv(x.shape[-1], "down", kernel_size=4, stride=2)(x, train=False)
     x = conv(self.features, "conv1")(x, train=False)
     return x + conv(self.features, "conv2")(x, train=False)
