@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The network: everything needed to build it (cscl_jax.models.create_model).
   config.model = ml_collections.ConfigDict()
-  config.model.name = "unet3df"  # unet3df | unet3d | unet2d_convlstm
+  config.model.name = "unet3df"  # unet3df | unet3d | unet2d_convlstm | utae
   # pretrain: encoder + CSCL similarity head; finetune / supervised: encoder + classifier.
   config.model.stage = "pretrain"
   config.model.num_channels = 14  # 13 bands + day of year
