@@ -2,10 +2,11 @@
 
 For each (model, stage) at the reference configuration of SPEC.md §2 (France:
 14 channels, T = 16, 48x48, 20 classes; MTLCC: 15 channels, T = 16, 24x24, 18
-classes; U-TAE's PASTIS: 11 channels, T = 16, 128x128, 20 classes) it times one
-jitted train-mode step (dropout on), gradients of a fixed random read-out of the
-output w.r.t. every parameter plus the BatchNorm statistics update, on the current
-backend. Reports trainable parameters, compile time, the
+classes; PASTIS24 for TSViT: 11 channels, T = 60, 24x24, 19 classes; U-TAE's PASTIS:
+11 channels, T = 16, 128x128, 20 classes) it times one jitted train-mode step
+(dropout on), gradients of a fixed random read-out of the output w.r.t. every
+parameter plus the BatchNorm statistics update, on the current backend. Reports
+trainable parameters, compile time, the
 median of `repeats` timed steps after one warm-up divided by the batch size, and
 XLA's compiled memory (temp + arguments + outputs, an upper bound of the peak).
 
@@ -24,6 +25,7 @@ from cscl_jax import models
 
 FRANCE = dict(num_channels=14, max_seq_len=16, img_res=48, num_classes=20)
 MTLCC = dict(num_channels=15, max_seq_len=16, img_res=24, num_classes=18)
+PASTIS24 = dict(num_channels=11, max_seq_len=60, img_res=24, num_classes=19)
 # U-TAE's PASTIS defaults: 10 bands + day of year, 128x128 patches; T = 16 dates here.
 PASTIS = dict(num_channels=11, max_seq_len=16, img_res=128, num_classes=20)
 CASES = {
@@ -32,6 +34,10 @@ CASES = {
     "unet3d/supervised": dict(FRANCE, name="unet3d", stage="supervised"),
     "unet2d_convlstm/supervised": dict(MTLCC, name="unet2d_convlstm", stage="supervised"),
     "unet2d_convlstm/pretrain": dict(MTLCC, name="unet2d_convlstm", stage="pretrain"),
+    "biconvgru/supervised": dict(FRANCE, name="biconvgru", stage="supervised"),
+    "biconvgru/pretrain": dict(FRANCE, name="biconvgru", stage="pretrain"),
+    "tsvit/supervised": dict(PASTIS24, name="tsvit", stage="supervised"),
+    "tsvit/pretrain": dict(PASTIS24, name="tsvit", stage="pretrain"),
     "utae/supervised": dict(PASTIS, name="utae", stage="supervised"),
     "utae/pretrain": dict(PASTIS, name="utae", stage="pretrain"),
 }
@@ -47,6 +53,7 @@ def measure_case(fields, batch_size, repeats, dtype):
   x = jax.random.normal(keys[0], (batch_size, config.max_seq_len, res, res,
                                   config.num_channels))
   variables = jax.jit(lambda x: model.init(keys[1], x, train=False))(x)
+  variables.setdefault("batch_stats", {})  # BiConvGRU and TSViT have none
   readout = jax.random.normal(keys[2], jax.eval_shape(
       lambda: model.apply(variables, x, train=False)).shape)
 

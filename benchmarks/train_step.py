@@ -1,26 +1,33 @@
-"""Training throughput: samples/s and step time of the real pre-training and fine-tuning steps.
+"""Training throughput: the real pre-training and fine-tuning steps, beside the PyTorch original.
 
 Times `train.train_step` (model, CSCL or cross-entropy loss, gradients averaged over the
 devices, Adam update, BatchNorm statistics) under `jax.pmap` on every local device, as
 `train.train_and_evaluate` runs it, on a fixed random batch at the reference shapes of
-SPEC.md §2 (UNet3Df: 14 channels, T = 16, 48x48, f = 16; UNet2D-ConvLSTM: 15 channels,
-T = 16, 24x24), in float32 and in bfloat16 mixed precision (`config.dtype`). Reports the
-median of `--repeats` steps after `--warmup` untimed ones, the global batch divided by it,
-and the compile time; the header names the backend, device count and JAX version.
+SPEC.md §2 (UNet3Df and UNet3D: 14 channels, T = 16, 48x48, f = 16; UNet2D-ConvLSTM: 15
+channels, T = 16, 24x24), in float32 and in bfloat16 mixed precision (`config.dtype`).
+Reports the median of `--repeats` steps after `--warmup` untimed ones, samples/s and the
+compile time, and the floor: the step's FLOPs (XLA's cost analysis) at this machine's
+float32 matmul rate (a 2048^3 matmul, measured in the same run).
 
-  python -m benchmarks.train_step                  # reference shapes, 2 samples per device
-  python -m benchmarks.train_step --small --repeats=5 --batch_size=1
+With `--torch` (needs requirements-test.txt), the PyTorch original's step runs beside ours
+on the same batch from identical weights (converted with `cscl_jax.convert`): the two
+take turns, so load on a shared machine hits both alike, and the ratio is ours / theirs.
 
-`--small` shrinks every case (half the image size and dates, a quarter of the features) for
-slow backends such as a CPU, where the reference UNet3Df takes seconds per sample.
+  python -m benchmarks.train_step --torch --dtypes=float32            # reference shapes
+  python -m benchmarks.train_step --torch --dtypes=float32 --small --batch_size=8
+
+`--small` shrinks every case (half the image size and dates, a quarter of the features:
+f = 4, E = 32, 24x24, T = 8 for UNet3Df) for slow backends such as a CPU.
 """
 
 import argparse
 import functools
 import time
+from typing import Any, Callable
 
 from flax import jax_utils
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import common
@@ -30,6 +37,8 @@ from cscl_jax import train
 REFERENCE = {
     "unet3df": dict(name="unet3df", num_channels=14, max_seq_len=16, img_res=48,
                     num_features=16, num_classes=20),
+    "unet3d": dict(name="unet3d", num_channels=14, max_seq_len=16, img_res=48,
+                   num_features=16, num_classes=20),
     "unet2d_convlstm": dict(name="unet2d_convlstm", num_channels=15, max_seq_len=16,
                             img_res=24, num_features=16, num_classes=18),
 }
@@ -48,6 +57,11 @@ def make_config(model: str, stage: str, dtype: str, small: bool):
   return config
 
 
+def stages(model: str, wanted: list[str]) -> list[str]:
+  """The stages to time: UNet3D has none but its own supervised one."""
+  return ["supervised"] if model == "unet3d" else wanted
+
+
 def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
   """[D, b, ...] inputs, blocky labels (mixed same/different CSCL pairs) and valid masks."""
   m, devices = config.model, jax.local_device_count()
@@ -61,30 +75,70 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
       "valid": rng.random(shape) > 0.1}
 
 
-def time_steps(config, batch_size: int, warmup: int, repeats: int) -> dict[str, float]:
-  """Compile s, median step s and samples/s of the replicated train step."""
+def build_step(config, batch_size: int, variables: dict[str, Any] | None = None
+               ) -> tuple[Callable, Any, dict[str, np.ndarray]]:
+  """The replicated train step as train_and_evaluate runs it, its state and a batch.
+
+  Args:
+    config: the run's config.
+    batch_size: samples per device.
+    variables: {"params", "batch_stats"} to start from; None: the model's init.
+  """
   model = models.create_model(config.model, dtype=config.dtype, axis_name=train.AXIS)
   state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
                                    train.learning_rate_schedule(config, 100))
+  if variables is not None:
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                          opt_state=state.tx.init(variables["params"]))
   state = jax_utils.replicate(state, axis_name=train.AXIS)
   step = jax.pmap(functools.partial(train.train_step, config=config, axis_name=train.AXIS),
                   axis_name=train.AXIS, donate_argnums=(0,))
-  batch = random_batch(config, batch_size)
-  start = time.perf_counter()
-  state, step_metrics = jax.block_until_ready(step(state, batch))  # includes compiling
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    state, step_metrics = jax.block_until_ready(step(state, batch))
+  return step, state, random_batch(config, batch_size)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """This machine's float32 matmul rate (GFLOP/s, median of `repeats`)."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, a))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    state, step_metrics = jax.block_until_ready(step(state, batch))
+    jax.block_until_ready(matmul(a, a))
     times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / float(np.median(times)) / 1e9
+
+
+def time_steps(config, batch_size: int, warmup: int, repeats: int,
+               with_torch: bool = False) -> dict[str, float]:
+  """Compile s, median step s, samples/s and GFLOP of our step (and the original's)."""
+  batch = random_batch(config, batch_size)
+  variables = torch_step = None
+  if with_torch:
+    from benchmarks import torch_original  # pylint: disable=g-import-not-at-top
+    variables, torch_step = torch_original.build(config, batch)
+  step, state, batch = build_step(config, batch_size, variables)
+  flops = step.lower(state, batch).compile().cost_analysis().get("flops", float("nan"))
+  start = time.perf_counter()
+  state, step_metrics = jax.block_until_ready(step(state, batch))  # includes compiling
+  compile_s = time.perf_counter() - start
+  ours, theirs = [], []
+  for i in range(warmup + repeats):  # the two take turns
+    start = time.perf_counter()
+    state, step_metrics = jax.block_until_ready(step(state, batch))
+    ours.append(time.perf_counter() - start)
+    if torch_step is not None:
+      start = time.perf_counter()
+      torch_step()
+      theirs.append(time.perf_counter() - start)
   if not np.isfinite(np.asarray(step_metrics["loss"])).all():
     raise FloatingPointError(f"Non-finite loss in {config.model.name}/{config.model.stage}.")
-  median = float(np.median(times))
-  return {"compile_s": compile_s, "step_s": median,
-          "samples_per_s": batch_size * jax.device_count() / median}
+  median = float(np.median(ours[warmup:]))
+  result = {"compile_s": compile_s, "step_s": median, "gflop": flops / 1e9,
+            "samples_per_s": batch_size * jax.device_count() / median}
+  if theirs:
+    result["torch_s"] = float(np.median(theirs[warmup:]))
+  return result
 
 
 def main():
@@ -96,6 +150,8 @@ def main():
   parser.add_argument("--models", default=",".join(REFERENCE))
   parser.add_argument("--stages", default=",".join(STAGES))
   parser.add_argument("--small", action="store_true", help="reduced shapes (slow backends)")
+  parser.add_argument("--torch", action="store_true",
+                      help="time the PyTorch original beside ours (float32 rows)")
   args = parser.parse_args()
   if args.repeats < 1 or args.batch_size < 1:
     parser.error("--repeats and --batch_size must be >= 1.")
@@ -105,21 +161,28 @@ def main():
     if unknown:
       parser.error(f"{name}: unknown {sorted(unknown)}; choose from {list(known)}.")
   device = jax.devices()[0]
+  rate = matmul_gflops()
   print(f"JAX {jax.__version__}, backend {jax.default_backend()} ({device.device_kind}), "
         f"{jax.device_count()} devices, {jax.process_count()} processes; "
         f"{args.batch_size} samples per device; median of {args.repeats} steps after "
-        f"{args.warmup} warm-up; {'SMALL' if args.small else 'reference'} shapes")
-  print("| model | stage | dtype | shape (T, H, C, f) | step s | samples/s | compile s |")
-  print("|---|---|---|---|---:|---:|---:|")
+        f"{args.warmup} warm-up; {'SMALL' if args.small else 'reference'} shapes; "
+        f"float32 matmul {rate:.0f} GFLOP/s")
+  print("| model | stage | dtype | shape (T, H, C, f) | step s | PyTorch s | ours/PyTorch "
+        "| floor s (GFLOP) | samples/s | compile s |")
+  print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
   for model in args.models.split(","):
-    for stage in args.stages.split(","):
+    for stage in stages(model, args.stages.split(",")):
       for dtype in args.dtypes.split(","):
         config = make_config(model, stage, dtype, args.small)
         m = config.model
-        r = time_steps(config, args.batch_size, args.warmup, args.repeats)
+        r = time_steps(config, args.batch_size, args.warmup, args.repeats,
+                       with_torch=args.torch and dtype == "float32")
+        theirs = (f"{r['torch_s']:.3f} | {r['step_s'] / r['torch_s']:.2f}x"
+                  if "torch_s" in r else "- | -")
         print(f"| {model} | {stage} | {dtype} | {m.max_seq_len}, {m.img_res}, "
-              f"{m.num_channels}, {m.num_features} | {r['step_s']:.3f} | "
-              f"{r['samples_per_s']:.2f} | {r['compile_s']:.1f} |", flush=True)
+              f"{m.num_channels}, {m.num_features} | {r['step_s']:.3f} | {theirs} | "
+              f"{r['gflop'] / rate:.3f} ({r['gflop']:.0f}) | {r['samples_per_s']:.2f} | "
+              f"{r['compile_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

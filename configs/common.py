@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The network: everything needed to build it (cscl_jax.models.create_model).
   config.model = ml_collections.ConfigDict()
-  config.model.name = "unet3df"  # unet3df | unet3d | unet2d_convlstm | utae
+  # unet3df | unet3d | unet2d_convlstm | biconvgru | tsvit | utae
+  config.model.name = "unet3df"
   # pretrain: encoder + CSCL similarity head; finetune / supervised: encoder + classifier.
   config.model.stage = "pretrain"
   config.model.num_channels = 14  # 13 bands + day of year
@@ -31,6 +32,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dilation = 1
   config.model.groups = 1
   config.model.norm_emb = True
+  # BiConvGRU (SPEC.md §2; names of the original's MODEL keys): the shared (1,3,3) Conv3d's
+  # width and each direction's hidden channels; its embedding has 2 * rnn_hidden_dim.
+  config.model.conv3d_dim = 64
+  config.model.rnn_hidden_dim = 256
+  # TSViT (SPEC.md §2, PASTIS24 settings; the original's MODEL keys). Its embedding is
+  # its num_classes per-pixel scores.
+  config.model.patch_size = 2
+  config.model.dim = 128
+  config.model.temporal_depth = 4
+  config.model.spatial_depth = 4
+  config.model.heads = 4
+  config.model.dim_head = 32
+  config.model.scale_dim = 4  # MLP width = scale_dim * dim
 
   # The data; shapes are the model's (a mismatch with the data is an error at start-up).
   config.dataset = ml_collections.ConfigDict()

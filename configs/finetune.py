@@ -17,7 +17,7 @@ from configs import pretrain
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """Returns the fine-tuning config of `variant` (those of configs/pretrain.py)."""
+  """Returns the fine-tuning config; variant as in configs/pretrain.py."""
   config = pretrain.get_config(variant)
   config.model.stage = "finetune"
   config.num_epochs = 75  # Reference France UNet3Df config.

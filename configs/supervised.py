@@ -1,8 +1,5 @@
 """Supervised baseline: UNet3D trained from scratch with cross-entropy (SPEC.md §2, §3).
 
-For the `utae` variants the baseline is U-TAE itself (encoder + the original's classifier)
-trained from scratch.
-
   python -m cscl_jax.main --config=configs/supervised.py --workdir=workdirs/supervised
 
 Same data, schedule and evaluation as configs/finetune.py (same variant), so its metrics
@@ -10,6 +7,9 @@ compare directly with the CSCL pre-trained model's. Quick version:
 
   python -m cscl_jax.main --config=configs/supervised.py:quick \
       --workdir=workdirs/supervised_quick
+
+UNet3D is UNet3Df's baseline; the other encoders (`:quick_biconvgru`, `:quick_tsvit`, or
+--config.model.name=...) are their own baseline, trained from scratch with their classifier.
 """
 
 import ml_collections
@@ -18,9 +18,9 @@ from configs import finetune
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """Returns the supervised baseline config of `variant` (those of configs/pretrain.py)."""
+  """Returns the supervised baseline config; variant as in configs/pretrain.py."""
   config = finetune.get_config(variant)
-  if config.model.name == "unet3df":
-    config.model.name = "unet3d"  # The paper's baseline; other encoders are their own.
+  if config.model.name == "unet3df":  # UNet3Df's baseline; the others keep their own.
+    config.model.name = "unet3d"
   config.model.stage = "supervised"
   return config

@@ -36,11 +36,14 @@ import numpy as np
 
 from configs import common
 from cscl_jax import checkpoints
+from cscl_jax import convert_seq
 from cscl_jax import models
 
 # Original MODEL.architecture -> (our model.name, reference image size).
 ARCHITECTURES = {"UNET3Df": ("unet3df", 48), "UNET3D": ("unet3d", 48),
-                 "UNET2D-CLSTM": ("unet2d_convlstm", 24)}
+                 "UNET2D-CLSTM": ("unet2d_convlstm", 24), **convert_seq.ARCHITECTURES}
+# Supervised networks of the original code: no CSCL pre-training stage.
+_SUPERVISED_ONLY = ("UNET3D", *convert_seq.ARCHITECTURES)
 # "pretrain" is the original's train_stage 0; "finetune" / "supervised" are train_stage 2
 # (for UNET3D, which has no stages, the network itself).
 STAGES = ("pretrain", "finetune", "supervised")
@@ -70,6 +73,7 @@ _KINDS = {
     "rel_h": (lambda s: (s[0], 1, 1, s[1], 1), lambda a, s: a[0].reshape(s)),
     "rel_w": (lambda s: (s[0], 1, 1, 1, s[1]), lambda a, s: a[0].reshape(s)),
     "per_step": (lambda s: s[1:], lambda a, s: np.stack(a)),
+    **convert_seq.KINDS,
     "conv1d_as_dense": (lambda s: (s[1], s[0], 1), lambda a, s: a[0][:, :, 0].T),
 }
 
@@ -143,8 +147,12 @@ def _unet2d_convlstm_entries(time_steps: int) -> list:
   return entries
 
 
-def _entries(architecture: str, pretrain: bool, time_steps: int) -> list:
+def _entries(architecture: str, pretrain: bool, model_config: ml_collections.ConfigDict
+             ) -> list:
   """(our leaf path or None to drop, PyTorch key(s), kind) for every state dict entry."""
+  if architecture in convert_seq.ARCHITECTURES:
+    return convert_seq.entries(architecture, model_config)
+  time_steps = model_config.max_seq_len
   if architecture == "UNET3D":
     return _unet3d_entries("")
   h, head = ("params", "head"), []
@@ -180,10 +188,12 @@ def _dim(arrays: Mapping[str, np.ndarray], key: str, axis: int, what: str,
 
 
 def _infer_sizes(arrays: Mapping[str, np.ndarray], architecture: str,
-                 pretrain: bool) -> dict[str, int]:
+                 pretrain: bool, heads: int | None = None) -> dict[str, int]:
   """The model.* sizes that the weights' shapes determine."""
   where = f"{architecture} {'pre-training' if pretrain else 'fine-tuning'}"
   dim = lambda key, axis, what: _dim(arrays, key, axis, what, where)
+  if architecture in convert_seq.ARCHITECTURES:
+    return convert_seq.infer_sizes(arrays, architecture, dim, heads)
   p = {"UNET3Df": "backbone.", "UNET3D": "", "UNET2D-CLSTM": _UNET2D + "encode."}[
       architecture]
   first = p + ("enc3.encode.0.weight" if architecture == "UNET2D-CLSTM" else "en3.0.weight")
@@ -251,25 +261,28 @@ def _convert_entries(arrays: Mapping[str, np.ndarray], entries: list,
 def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *,
                  stride: int = 1, dilation: int = 1, groups: int = 1,
                  norm_emb: bool = True, img_res: int | None = None,
-                 num_classes: int | None = None
+                 num_classes: int | None = None, heads: int | None = None
                  ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """Converts a DeepSatModels state dict to our model config and variables.
 
   Args:
     state_dict: the original network's `state_dict()`: names -> numpy arrays (or CPU
       tensors), buffers included, without a "module." prefix.
-    architecture: the original's MODEL.architecture: "UNET3Df", "UNET3D" or
-      "UNET2D-CLSTM".
+    architecture: the original's MODEL.architecture: "UNET3Df", "UNET3D",
+      "UNET2D-CLSTM", "ConvBiRNN" (backbone "ConvGRU") or "TSViT".
     stage: "pretrain" (train_stage 0: encoder + CSCL head) or "finetune" /
-      "supervised" (train_stage 2: encoder + classifier; UNET3D: the network itself).
+      "supervised" (train_stage 2: encoder + classifier; UNET3D, ConvBiRNN, TSViT:
+      the network itself).
     stride: MODEL.cscl_win_stride (not in the weights).
     dilation: MODEL.cscl_win_dilation (not in the weights).
     groups: MODEL.attn_groups (not in the weights).
     norm_emb: MODEL.norm_emb; True as in the paper's configs (the original code
       defaults to False where a config omits it).
-    img_res: MODEL.img_res; default 48 (UNET3D*) or 24 (UNET2D-CLSTM).
+    img_res: MODEL.img_res; default 48 (UNET3D*, ConvBiRNN) or 24 (UNET2D-CLSTM);
+      TSViT's weights tell it (checked against this if given).
     num_classes: MODEL.num_classes; needed only where the weights do not tell it
       (UNET3Df pre-training), checked against them elsewhere.
+    heads: TSViT's MODEL.heads (the weights give only heads x dim_head); default 4.
 
   Returns:
     (model_config, variables): config.model for `models.create_model`, and
@@ -282,24 +295,27 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
   if architecture not in ARCHITECTURES:
     raise ValueError(f"architecture={architecture!r}; choose one of "
                      f"{sorted(ARCHITECTURES)} (the original's MODEL.architecture).")
-  allowed = STAGES[1:] if architecture == "UNET3D" else STAGES
+  allowed = STAGES[1:] if architecture in _SUPERVISED_ONLY else STAGES
   if stage not in allowed:
     raise ValueError(f"stage={stage!r} for {architecture}; choose one of {allowed} "
                      "('pretrain' is the original's train_stage 0, 'finetune' stage 2).")
   arrays = {k: np.asarray(v) for k, v in state_dict.items()}
   pretrain = stage == "pretrain"
   name, default_res = ARCHITECTURES[architecture]
-  sizes = _infer_sizes(arrays, architecture, pretrain)
+  sizes = _infer_sizes(arrays, architecture, pretrain, heads)
   if num_classes is not None:
     if sizes.get("num_classes", num_classes) != num_classes:
       raise ValueError(f"num_classes={num_classes} but the classifier in the weights "
                        f"has {sizes['num_classes']} outputs.")
     sizes["num_classes"] = num_classes
+  if img_res is not None and sizes.setdefault("img_res", img_res) != img_res:
+    raise ValueError(f"img_res={img_res} but the spatial position embedding in the "
+                     f"weights is for {sizes['img_res']}x{sizes['img_res']} images.")
   model_config = ml_collections.ConfigDict(common.get_config().model.to_dict())
-  model_config.update(name=name, stage=stage, img_res=img_res or default_res,
-                      stride=stride, dilation=dilation, groups=groups, norm_emb=norm_emb,
-                      **sizes)
-  entries = _entries(architecture, pretrain, model_config.max_seq_len)
+  model_config.update(name=name, stage=stage, img_res=default_res, stride=stride,
+                      dilation=dilation, groups=groups, norm_emb=norm_emb)
+  model_config.update(sizes)
+  entries = _entries(architecture, pretrain, model_config)
   return model_config, build_variables(arrays, entries, model_config,
                                        f"{architecture} ({stage})", sizes)
 
@@ -417,11 +433,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--norm_emb", choices=("true", "false"), default="true")
   parser.add_argument("--img_res", type=int, default=None)
   parser.add_argument("--num_classes", type=int, default=None)
+  parser.add_argument("--heads", type=int, default=None, help="TSViT: MODEL.heads (4)")
   args = parser.parse_args(argv)
   config = convert_checkpoint(
       args.checkpoint, args.workdir, args.architecture, args.stage,
       stride=args.cscl_win_stride, dilation=args.cscl_win_dilation, groups=args.attn_groups,
-      norm_emb=args.norm_emb == "true", img_res=args.img_res, num_classes=args.num_classes)
+      norm_emb=args.norm_emb == "true", img_res=args.img_res, num_classes=args.num_classes,
+      heads=args.heads)
   print(next_steps(args.workdir, config))
 
 

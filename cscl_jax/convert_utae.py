@@ -1,4 +1,4 @@
-"""Import U-TAE checkpoints of utae-paps (VSainteuf/utae-paps), e.g. the published PASTIS weights.
+"""Import U-TAE checkpoints of utae-paps (VSainteuf/utae-paps): the published PASTIS weights.
 
   python -m cscl_jax.convert_utae --checkpoint=UTAE_zenodo/Fold_1/model.pth.tar \
       --workdir=workdirs/utae_fold1

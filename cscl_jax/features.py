@@ -3,32 +3,49 @@
 Every builder under `tfds_builders/` yields examples with exactly these features, so the
 input pipeline and the models never care which dataset they read:
 
-  image       uint16 [T, H, W, 13]  Sentinel-2 L2A-like digital numbers (reflectance x 1e4),
-                                    bands in BANDS order, all at the 10 m grid; T varies.
+  image       uint16 [T, H, W, C]   Sentinel-2 digital numbers (reflectance x 1e4), all at the
+                                    10 m grid; C = the dataset's bands, in the order of
+                                    `info.metadata["bands"]`; T varies.
   doy         int32  [T]            day of year of each acquisition (1..366).
   labels      int32  [H, W]         class index in 0..num_classes-1, or num_classes = unknown
                                     (background, margins, roads, unlabelled pixels).
   parcel_ids  int32  [H, W]         parcel (field) id, 0 where there is none.
 
-Builders store the class names in `info.metadata["class_names"]`; the unknown label is
-always `len(class_names)`.
+Builders store the band names in `info.metadata["bands"]` (Sentinel-2 names as in `BANDS`)
+and the class names in `info.metadata["class_names"]`; the unknown label is always
+`len(class_names)`. The input pipeline appends day of year to the bands, so a model reads
+len(bands) + 1 channels.
 """
+
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-# Channel order of the reference pre-processing: 10 m | 20 m | 60 m bands.
+# All 13 bands, in the channel order of the reference pre-processing: 10 m | 20 m | 60 m.
 BANDS = ("B04", "B03", "B02", "B08",
          "B05", "B06", "B07", "B8A", "B11", "B12",
          "B01", "B09", "B10")
-NUM_BANDS = len(BANDS)  # 13; the input pipeline appends day-of-year as a 14th channel.
+NUM_BANDS = len(BANDS)
 # Reflectance = digital number * REFLECTANCE_SCALE; day-of-year channel = doy / DOY_SCALE.
 REFLECTANCE_SCALE = 1e-4
 DOY_SCALE = 365.0001
 
 
-def sits_features() -> tfds.features.FeaturesDict:
-  """Returns the TFDS feature dict every SITS builder uses.
+def sits_metadata(bands: Sequence[str], class_names: Sequence[str]) -> tfds.core.MetadataDict:
+  """Returns the `info.metadata` of a SITS builder: its band set and class names.
+
+  Raises:
+    ValueError: if a band is not a Sentinel-2 band name of `BANDS` or appears twice.
+  """
+  unknown = [b for b in bands if b not in BANDS]
+  if unknown or len(set(bands)) != len(bands):
+    raise ValueError(f"bands {list(bands)} must be distinct names from {BANDS}.")
+  return tfds.core.MetadataDict(bands=list(bands), class_names=list(class_names))
+
+
+def sits_features(num_bands: int = NUM_BANDS) -> tfds.features.FeaturesDict:
+  """Returns the TFDS feature dict every SITS builder uses, for images of `num_bands` bands.
 
   Tensors with several unknown dimensions must be stored as bytes. The image is stored raw:
   Sentinel-2-like data is noisy in its low bits, so zlib saves only ~20 % of the disk while it
@@ -37,9 +54,9 @@ def sits_features() -> tfds.features.FeaturesDict:
   """
   return tfds.features.FeaturesDict({
       "image": tfds.features.Tensor(
-          shape=(None, None, None, NUM_BANDS), dtype=np.uint16,
+          shape=(None, None, None, num_bands), dtype=np.uint16,
           encoding=tfds.features.Encoding.BYTES,
-          doc="Digital numbers [T, H, W, 13] in BANDS order, 10 m grid."),
+          doc=f"Digital numbers [T, H, W, {num_bands}] in metadata['bands'] order, 10 m grid."),
       "doy": tfds.features.Tensor(shape=(None,), dtype=np.int32,
                                   doc="Day of year of each date [T]."),
       "labels": tfds.features.Tensor(

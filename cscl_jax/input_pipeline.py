@@ -3,7 +3,8 @@
 Every dataset follows `cscl_jax.features`. An example becomes, as in the reference
 pre-processing (SPEC.md §4):
 
-  inputs  float32 [T, S, S, 14]  the 13 bands x REFLECTANCE_SCALE, then doy / DOY_SCALE; the time
+  inputs  float32 [T, S, S, C+1] the dataset's C bands x REFLECTANCE_SCALE (in the order of its
+                                 info.metadata["bands"]), then doy / DOY_SCALE; the time
                                  axis cut to T = max_seq_len dates (config.dataset.time_sampling:
                                  "first": the first T, as the reference; "even": T spread evenly
                                  over the season) or zero-padded;
@@ -34,11 +35,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cscl_jax import features
+from tfds_builders import mtlcc
+from tfds_builders import pastis
 from tfds_builders import sits_synthetic
 from tfds_builders import t31tfm_1618
 
 # TFDS dataset name -> package of its builder (importing the package registers the builder).
-_BUILDERS = {"sits_synthetic": sits_synthetic, "t31tfm_1618": t31tfm_1618}
+_BUILDERS = {"mtlcc": mtlcc, "pastis": pastis, "sits_synthetic": sits_synthetic,
+             "t31tfm_1618": t31tfm_1618}
 _TIME_SAMPLINGS = ("first", "even")
 
 
@@ -51,15 +55,23 @@ class SitsInfo:
     class_names: name of each class.
     num_examples: examples per split, all processes together.
     image_size: (H, W) of the stored images.
+    bands: the image's bands, in channel order; the inputs append day of year.
   """
   num_classes: int
   class_names: tuple[str, ...]
   num_examples: dict[str, int]
   image_size: tuple[int, int]
+  bands: tuple[str, ...]
 
   @property
   def unknown_label(self) -> int:
     return self.num_classes
+
+  @property
+  def rgb_channels(self) -> tuple[int, int, int]:
+    """The input channels of B04, B03, B02 (red, green, blue); (0, 1, 2) if one is absent."""
+    rgb = ("B04", "B03", "B02")
+    return tuple(self.bands.index(b) for b in rgb) if set(rgb) <= set(self.bands) else (0, 1, 2)
 
 
 def _build_command(config: ml_collections.ConfigDict) -> str:
@@ -69,12 +81,25 @@ def _build_command(config: ml_collections.ConfigDict) -> str:
   return command + "".join(f" --{k}={d[k]}" for k in ("data_dir", "manual_dir") if d[k])
 
 
+def _generated_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the builder of a dataset written by `python -m cscl_jax.datagen` (latest version)."""
+  d = config.dataset
+  folder = tfds.core.Path(d.data_dir or tfds.core.constants.DATA_DIR) / d.name / d.config
+  versions = sorted((p for p in folder.glob("*/dataset_info.json")
+                     if tfds.core.Version.is_valid(p.parent.name)),
+                    key=lambda p: tfds.core.Version(p.parent.name)) if folder.exists() else []
+  if not versions:
+    raise ValueError(f"config.dataset.name={d.name!r} is neither a SITS dataset "
+                     f"{sorted(_BUILDERS)} nor a dataset made by `python -m cscl_jax.datagen` "
+                     f"in {folder} (set config.dataset.data_dir to its --out).")
+  return tfds.builder_from_directory(str(versions[-1].parent))
+
+
 def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Returns the dataset builder, preparing the dataset first if it is not on disk."""
   d = config.dataset
   if d.name not in _BUILDERS:
-    raise ValueError(f"config.dataset.name={d.name!r} is not a SITS dataset; use one of "
-                     f"{sorted(_BUILDERS)}.")
+    return _generated_builder(config)
   builder = _BUILDERS[d.name].Builder(config=d.config, data_dir=d.data_dir)
   if not builder.is_prepared():
     if jax.process_count() > 1:
@@ -86,6 +111,17 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
   return builder
 
 
+def _bands(builder) -> tuple[str, ...]:
+  """The dataset's band set: metadata["bands"], checked against the image feature's channels."""
+  num_bands = builder.info.features["image"].shape[-1]
+  # Datasets built before the band set was recorded hold the 13 reference bands.
+  bands = tuple(builder.info.metadata.get("bands", features.BANDS))
+  if len(bands) != num_bands:
+    raise ValueError(f"{builder.name}: metadata['bands'] names {len(bands)} bands {bands} but "
+                     f"the image feature has {num_bands} channels; rebuild the dataset.")
+  return bands
+
+
 def _info_and_check(config, builder) -> SitsInfo:
   """Reads the dataset's info; raises one error listing every config field that misfits."""
   d = config.dataset
@@ -95,7 +131,8 @@ def _info_and_check(config, builder) -> SitsInfo:
       num_classes=len(builder.info.metadata["class_names"]),
       class_names=tuple(builder.info.metadata["class_names"]),
       num_examples={s: v.num_examples for s, v in builder.info.splits.items()},
-      image_size=tuple(labels.shape))
+      image_size=tuple(labels.shape),
+      bands=_bands(builder))
   problems = [f"split {s!r} (config.dataset.{k}) does not exist; the splits are "
               f"{sorted(info.num_examples)}"
               for k, s in (("train_split", d.train_split), ("eval_split", d.eval_split))
@@ -103,9 +140,10 @@ def _info_and_check(config, builder) -> SitsInfo:
   if d.num_classes != info.num_classes:
     problems.append(f"config.model.num_classes={d.num_classes}, but {d.name} has "
                     f"{info.num_classes} classes (unknown = {info.num_classes})")
-  if d.num_channels != features.NUM_BANDS + 1:
-    problems.append(f"config.model.num_channels={d.num_channels}, but the inputs have "
-                    f"{features.NUM_BANDS} bands + day of year = {features.NUM_BANDS + 1}")
+  if d.num_channels != len(info.bands) + 1:
+    problems.append(f"config.model.num_channels={d.num_channels}, but the inputs have the "
+                    f"{len(info.bands)} bands of {d.name} ({' '.join(info.bands)}) + day of "
+                    f"year = {len(info.bands) + 1}")
   if not 0 < d.img_res <= min(info.image_size):
     problems.append(f"config.model.img_res={d.img_res} does not fit the {info.image_size} "
                     f"images of {d.name}/{d.config}")
@@ -160,8 +198,9 @@ def preprocess(example: dict[str, tf.Tensor], config: ml_collections.ConfigDict,
   """Turns one stored example into {"inputs", "labels", "valid"} (see the module docstring).
 
   Args:
-    example: "image" uint16 [T, H, W, 13], "doy" int32 [T], "labels" int32 [H, W].
-    config: uses config.dataset.{img_res, max_seq_len, time_sampling, num_classes}.
+    example: "image" uint16 [T, H, W, C], "doy" int32 [T], "labels" int32 [H, W].
+    config: uses config.dataset.{img_res, max_seq_len, time_sampling, num_classes,
+      num_channels} (num_channels = C + 1, checked by `dataset_info`).
     seed: int64 [2] stateless seed: random crop and flips (training); None: centre crop.
   """
   size, max_len = config.dataset.img_res, config.dataset.max_seq_len
@@ -176,7 +215,7 @@ def preprocess(example: dict[str, tf.Tensor], config: ml_collections.ConfigDict,
     top = tf.random.stateless_uniform([], seeds[0], 0, height - size + 1, dtype=tf.int32)
     left = tf.random.stateless_uniform([], seeds[1], 0, width - size + 1, dtype=tf.int32)
   dates = _time_indices(tf.shape(example["doy"])[0], max_len, config.dataset.time_sampling)
-  image = tf.gather(example["image"][:, top:top + size, left:left + size], dates)  # [t, S, S, 13]
+  image = tf.gather(example["image"][:, top:top + size, left:left + size], dates)  # [t, S, S, C]
   doy = tf.cast(tf.gather(example["doy"], dates), tf.float32) / features.DOY_SCALE  # [t]
   labels = labels[top:top + size, left:left + size]
   doy = tf.broadcast_to(doy[:, None, None, None], [tf.shape(doy)[0], size, size, 1])
@@ -186,7 +225,7 @@ def preprocess(example: dict[str, tf.Tensor], config: ml_collections.ConfigDict,
     flips = tf.random.stateless_uniform([2], seeds[2]) < 0.5  # horizontal, vertical
     inputs, labels = _maybe_flip(inputs, flips[0], 2), _maybe_flip(labels, flips[0], 1)
     inputs, labels = _maybe_flip(inputs, flips[1], 1), _maybe_flip(labels, flips[1], 0)
-  inputs = tf.ensure_shape(inputs, [max_len, size, size, features.NUM_BANDS + 1])
+  inputs = tf.ensure_shape(inputs, [max_len, size, size, config.dataset.num_channels])
   labels = tf.ensure_shape(tf.cast(labels, tf.int32), [size, size])
   return {"inputs": inputs, "labels": labels, "valid": labels != config.dataset.num_classes}
 
@@ -219,7 +258,7 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
     start_step: training step to resume at; its batch comes first.
 
   Returns:
-    Batches {"inputs": float32 [D, b, T, S, S, 14], "labels": int32 [D, b, S, S],
+    Batches {"inputs": float32 [D, b, T, S, S, C+1], "labels": int32 [D, b, S, S],
     "valid": bool [D, b, S, S]}.
 
   Raises:

@@ -274,7 +274,7 @@ def _eval_and_report(p_eval_step, state, step, config, workdir, info, writer):
     plot = (visualize.plot_similarity if config.model.stage == "pretrain"
             else visualize.plot_segmentation)
     plot(os.path.join(workdir, "plots", f"eval_{step:07d}.png"), batch["inputs"][:n],
-         batch["labels"][:n], outputs[:n], num_classes)
+         batch["labels"][:n], outputs[:n], num_classes, rgb=info.rgb_channels)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({"step": step, **scores}, f, indent=2)
   return scores

@@ -1,7 +1,7 @@
 """PNG figures of a few validation samples, written at every evaluation.
 
-One row per sample: an RGB composite (B04, B03, B02 = channels 0, 1, 2 of a mid-season
-date, 2-98 percentile stretch), the labels, and then either the prediction and its errors
+One row per sample: an RGB composite (the channels of B04, B03, B02 of a mid-season date,
+2-98 percentile stretch), the labels, and then either the prediction and its errors
 (fine-tuning / supervised) or the mean similarity of every pixel to its window neighbours
 (pre-training: low values should trace parcel boundaries).
 """
@@ -15,17 +15,18 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 
-def rgb_composite(inputs: np.ndarray) -> np.ndarray:
+def rgb_composite(inputs: np.ndarray, rgb: tuple[int, int, int] = (0, 1, 2)) -> np.ndarray:
   """RGB image [H, W, 3] in [0, 1] from one sample's inputs [T, H, W, C].
 
-  Uses the middle one of the dates that hold data (zero-padded dates are skipped).
+  Uses the middle one of the dates that hold data (zero-padded dates are skipped) and the
+  channels `rgb` (those of B04, B03, B02) as red, green and blue.
   """
   has_data = np.abs(inputs).reshape(inputs.shape[0], -1).max(axis=1) > 0
   dates = np.flatnonzero(has_data)
   date = dates[len(dates) // 2] if len(dates) else 0
-  rgb = inputs[date, :, :, :3].astype(np.float64)
-  low, high = np.percentile(rgb, [2, 98])
-  return np.clip((rgb - low) / max(high - low, 1e-6), 0, 1)
+  image = inputs[date][..., list(rgb)].astype(np.float64)  # [H, W, 3]
+  low, high = np.percentile(image, [2, 98])
+  return np.clip((image - low) / max(high - low, 1e-6), 0, 1)
 
 
 def _label_colors(num_classes: int) -> colors.ListedColormap:
@@ -52,7 +53,8 @@ def _save(path: str, panels: list[list[tuple[str, np.ndarray, dict]]]) -> None:
 
 
 def plot_segmentation(path: str, inputs: np.ndarray, labels: np.ndarray,
-                      preds: np.ndarray, num_classes: int) -> None:
+                      preds: np.ndarray, num_classes: int,
+                      rgb: tuple[int, int, int] = (0, 1, 2)) -> None:
   """Saves RGB | labels | prediction | errors for each sample.
 
   Args:
@@ -61,6 +63,7 @@ def plot_segmentation(path: str, inputs: np.ndarray, labels: np.ndarray,
     labels: int [B, H, W], num_classes = unknown.
     preds: int [B, H, W].
     num_classes: number of classes N.
+    rgb: the input channels of red, green and blue.
   """
   label_style = {"cmap": _label_colors(num_classes), "vmin": 0, "vmax": num_classes}
   error_style = {"cmap": colors.ListedColormap(["#2ca02c", "#d62728", "#7f7f7f"]),
@@ -68,14 +71,14 @@ def plot_segmentation(path: str, inputs: np.ndarray, labels: np.ndarray,
   panels = []
   for x, y, p in zip(inputs, labels, preds):
     errors = np.where(y == num_classes, 2, (p != y).astype(int))  # 0 ok, 1 wrong, 2 unknown
-    panels.append([("RGB", rgb_composite(x), {}), ("labels", y, label_style),
+    panels.append([("RGB", rgb_composite(x, rgb), {}), ("labels", y, label_style),
                    ("prediction", p, label_style),
                    ("errors (red)", errors, error_style)])
   _save(path, panels)
 
 
 def plot_similarity(path: str, inputs: np.ndarray, labels: np.ndarray, sim: np.ndarray,
-                    num_classes: int) -> None:
+                    num_classes: int, rgb: tuple[int, int, int] = (0, 1, 2)) -> None:
   """Saves RGB | labels | mean similarity to the window neighbours for each sample.
 
   Args:
@@ -84,11 +87,12 @@ def plot_similarity(path: str, inputs: np.ndarray, labels: np.ndarray, sim: np.n
     labels: int [B, H, W], num_classes = unknown.
     sim: float [B, H', W', k, k] similarity maps.
     num_classes: number of classes N.
+    rgb: the input channels of red, green and blue.
   """
   label_style = {"cmap": _label_colors(num_classes), "vmin": 0, "vmax": num_classes}
   k = sim.shape[-1]
   neighbours = np.delete(sim.reshape(sim.shape[:3] + (k * k,)), k * k // 2, axis=-1)
-  panels = [[("RGB", rgb_composite(x), {}), ("labels", y, label_style),
+  panels = [[("RGB", rgb_composite(x, rgb), {}), ("labels", y, label_style),
              ("mean sim. to neighbours", s, {"cmap": "viridis"})]
             for x, y, s in zip(inputs, labels, neighbours.mean(axis=-1))]
   _save(path, panels)

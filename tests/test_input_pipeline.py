@@ -10,6 +10,8 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from cscl_jax import input_pipeline
+from tfds_builders.mtlcc import fake_data as mtlcc_fake_data
+from tfds_builders.pastis import fake_data as pastis_fake_data
 from tfds_builders.t31tfm_1618 import fake_data
 
 
@@ -54,7 +56,7 @@ def _reference(example, size, max_len, top, left, sampling="first"):
   image = example["image"][dates, top:top + size, left:left + size].astype(np.float64)
   doy = np.broadcast_to(example["doy"][dates, None, None, None] / 365.0001,
                         image.shape[:3] + (1,))
-  inputs = np.zeros((max_len, size, size, 14))
+  inputs = np.zeros((max_len, size, size, image.shape[-1] + 1))
   inputs[:image.shape[0]] = np.concatenate([image * 1e-4, doy], -1)
   return inputs, example["labels"][top:top + size, left:left + size]
 
@@ -168,7 +170,7 @@ def test_bad_split_batch_and_name(data_dir):
   with pytest.raises(ValueError, match="fewer examples per process than one batch of 16"):
     input_pipeline.create_split(config, "validation", train=False)
   config.dataset.name = "mnist"
-  with pytest.raises(ValueError, match="not a SITS dataset"):
+  with pytest.raises(ValueError, match="neither a SITS dataset"):
     input_pipeline.dataset_info(config)
 
 
@@ -190,3 +192,33 @@ def test_t31tfm_1618_from_a_manual_folder(tmp_path):
     np.testing.assert_allclose(got["inputs"], inputs, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(got["valid"], labels != 20)
     assert (labels == 20).any() and (labels < 20).any()
+
+
+@pytest.mark.parametrize("name, builder_config, num_bands, num_classes", [
+    ("pastis", "fold1_24x24", 10, 19), ("mtlcc", "all", 13, 17)])
+def test_the_inputs_follow_the_band_set_of_the_dataset(tmp_path, name, builder_config,
+                                                        num_bands, num_classes):
+  if name == "pastis":
+    # 2 patches a fold of 48x48, 4 windows each: validation (one fold) holds 8.
+    manual_dir = pastis_fake_data.write(tmp_path / "PASTIS", patches_per_fold=2, size=48)
+  else:
+    manual_dir = mtlcc_fake_data.write(tmp_path / "MTLCC", num_tiles=(4, 4, 1))  # x 2 years
+  config = _config(tmp_path / "tfds", num_classes=num_classes, img_res=24, max_seq_len=8,
+                   num_channels=num_bands + 1)
+  config.dataset.name, config.dataset.config = name, builder_config
+  config.dataset.manual_dir = str(manual_dir)
+  info = input_pipeline.dataset_info(config)  # builds it
+  assert len(info.bands) == num_bands and info.unknown_label == num_classes
+  assert info.rgb_channels == (2, 1, 0)  # both store B02 B03 B04 first
+  builder = input_pipeline._prepared_builder(config)
+  stored = list(tfds.as_numpy(builder.as_dataset(split="validation", shuffle_files=False)))
+  batch, = _take(config, "validation", 1, train=False)
+  assert batch["inputs"].shape == (8, 1, 8, 24, 24, num_bands + 1)
+  for got, example in zip(_examples([batch]), stored):
+    inputs, labels = _reference(example, 24, 8, 0, 0)
+    np.testing.assert_allclose(got["inputs"], inputs, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got["valid"], labels != num_classes)
+  config.model.num_channels = 12
+  with pytest.raises(ValueError, match=f"num_channels=12, but the inputs have the {num_bands} "
+                     f"bands of {name} \\({' '.join(info.bands)}\\) \\+ day of year"):
+    input_pipeline.dataset_info(config)

@@ -1,4 +1,5 @@
-"""End to end: `python -m cscl_jax.main` pre-trains, then fine-tunes from it (configs/test.py)."""
+"""End to end: `python -m cscl_jax.main` pre-trains, then fine-tunes from it (configs/test.py),
+on the synthetic data and on fake PASTIS and MTLCC folders."""
 
 import glob
 import json
@@ -7,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+
+from tfds_builders.mtlcc import fake_data as mtlcc_fake_data
+from tfds_builders.pastis import fake_data as pastis_fake_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,3 +65,25 @@ def test_utae_pretrains_with_cscl_then_finetunes(tmp_path, data_dir):
   with open(os.path.join(finetune, "metrics.json")) as f:
     scores = json.load(f)
   assert scores["step"] == 4 and 0 <= scores["miou"] <= 1
+
+
+@pytest.mark.parametrize("name, builder_config, flags", [
+    ("pastis", "fold1_24x24", ("--config.model.num_channels=11", "--config.model.num_classes=19")),
+    ("mtlcc", "all", ("--config.model.num_classes=17",))])
+def test_benchmark_datasets_pretrain_then_finetune(tmp_path, name, builder_config, flags):
+  """Two steps of each stage on the fake PASTIS (10 bands) and MTLCC folders."""
+  if name == "pastis":
+    manual_dir = pastis_fake_data.write(tmp_path / "PASTIS", patches_per_fold=2, size=48)
+  else:
+    manual_dir = mtlcc_fake_data.write(tmp_path / "MTLCC", num_tiles=(4, 4, 1))
+  common = (f"--config.dataset.data_dir={tmp_path / 'tfds'}", f"--config.dataset.name={name}",
+            f"--config.dataset.config={builder_config}",
+            f"--config.dataset.manual_dir={manual_dir}", "--config.model.img_res=24",
+            "--config.num_train_steps=2", "--config.num_eval_batches=1", *flags)
+  pretrain, finetune = str(tmp_path / "pre"), str(tmp_path / "ft")
+  assert "Eval at step 2" in _main(f"--workdir={pretrain}", *common)
+  log = _main(f"--workdir={finetune}", *common, "--config.model.stage=finetune",
+              f"--config.init_from={pretrain}")
+  assert "Loaded pre-trained encoder" in log and "Eval at step 2: loss=" in log
+  with open(os.path.join(finetune, "metrics.json")) as f:
+    assert 0 <= json.load(f)["miou"] <= 1

@@ -46,10 +46,6 @@ def inputs(shape, *, padded=((0, 3),), seed=0):
   return np.concatenate([bands, doy_channel], -1), doy
 
 
-def test_doy_scale_is_the_input_pipelines():
-  assert utae.DOY_SCALE == features.DOY_SCALE
-
-
 @pytest.mark.parametrize("stage, encoder, total, out_shape", [
     ("supervised", 1_072_128, 1_087_260, (2, 128, 128, 20)),
     ("finetune", 1_072_128, 1_087_260, (2, 128, 128, 20)),

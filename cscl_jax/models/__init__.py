@@ -6,10 +6,12 @@
 
 Encoders ([B, T, H, W, C] -> [B, H, W, E]; SPEC.md §2): "unet3df" (the CSCL
 encoder; T, H, W divisible by 4), "unet3d" (supervised baseline with a built-in
-classifier; same shapes), "unet2d_convlstm" (H, W divisible by 4). T must equal
-model.max_seq_len. "utae" (U-TAE; H, W divisible by 8, any T, padded dates masked;
-its embedding is the decoder output [B, H, W, 2f] and its classifier the original's
-out_conv). `segmenter.Segmenter` adds the head of `model.stage`.
+classifier; same shapes), "unet2d_convlstm" (H, W divisible by 4); T must equal
+model.max_seq_len for these. "biconvgru" (any T, H, W) and "tsvit" (H = W = img_res
+divisible by patch_size, any T) skip padded dates (`dates`). "utae" (U-TAE; H, W
+divisible by 8, any T, padded dates masked; its embedding is the decoder output
+[B, H, W, 2f], its classifier the original's out_conv). `segmenter.Segmenter` adds
+the head of `model.stage`.
 
 Why Flax Linen: the models are BatchNorm networks trained data-parallel, which is
 what Linen and its examples (flax examples/imagenet) are built around:
@@ -32,7 +34,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cscl_jax.models import biconvgru
 from cscl_jax.models import segmenter
+from cscl_jax.models import tsvit
 from cscl_jax.models import unet2d_convlstm
 from cscl_jax.models import unet3d
 from cscl_jax.models import utae
@@ -56,6 +60,23 @@ def _unet2d_convlstm(mc: ml_collections.ConfigDict, **kwargs) -> nn.Module:
       num_features=mc.num_features, emb_channels=mc.emb_channels, **kwargs)
 
 
+def _biconvgru(mc: ml_collections.ConfigDict, *, dtype: Any, axis_name: str | None
+               ) -> nn.Module:
+  del axis_name  # No BatchNorm.
+  return biconvgru.BiConvGRU(num_channels=mc.num_channels, conv3d_dim=mc.conv3d_dim,
+                             rnn_hidden_dim=mc.rnn_hidden_dim, dtype=dtype)
+
+
+def _tsvit(mc: ml_collections.ConfigDict, *, dtype: Any, axis_name: str | None
+           ) -> nn.Module:
+  del axis_name  # No BatchNorm.
+  return tsvit.TSViT(
+      num_classes=mc.num_classes, num_channels=mc.num_channels, img_res=mc.img_res,
+      patch_size=mc.patch_size, dim=mc.dim, temporal_depth=mc.temporal_depth,
+      spatial_depth=mc.spatial_depth, heads=mc.heads, dim_head=mc.dim_head,
+      scale_dim=mc.scale_dim, dtype=dtype)
+
+
 def _utae(mc: ml_collections.ConfigDict, **kwargs) -> nn.Module:
   f = mc.num_features  # f = 16: the original's PASTIS widths.
   return utae.UTAE(num_channels=mc.num_channels, encoder_widths=(4 * f, 4 * f, 4 * f, 8 * f),
@@ -68,13 +89,17 @@ def _utae_out_conv(mc: ml_collections.ConfigDict, *, axis_name: str | None) -> n
                         axis_name=axis_name)
 
 
-# model.name -> (encoder builder, classifier kernel size; None: no head, the
-# encoder classifies by itself and cannot be pre-trained; a function: the
-# encoder's own classifier, with BatchNorm).
+# model.name -> (encoder builder, classifier kernel size). None: no head, the encoder
+# classifies by itself and cannot be pre-trained. segmenter.OWN_CLASSIFIER: the encoder
+# ends in its own per-pixel classifier (E = num_classes); fine-tuning adds no head,
+# pre-training puts the CSCL head on those scores.
+# A function: the encoder's own classifier module (with BatchNorm), called with train.
 ENCODERS = {
     "unet3df": (_unet3df, 1),
     "unet3d": (_unet3d, None),
     "unet2d_convlstm": (_unet2d_convlstm, 3),
+    "biconvgru": (_biconvgru, 3),
+    "tsvit": (_tsvit, segmenter.OWN_CLASSIFIER),
     "utae": (_utae, _utae_out_conv),
 }
 

@@ -6,8 +6,9 @@
   pretrain           head = cscl.ContextSelfSimilarity -> similarities [B, H', W', k, k]
   finetune/supervised head = Classifier                -> logits [B, H, W, num_classes]
 
-An encoder that classifies by itself (UNet3D) has no head. A classifier with
-BatchNorm (U-TAE's out_conv) is called with `train` like the encoder.
+An encoder that classifies by itself has no head in fine-tuning; UNet3D cannot be
+pre-trained, TSViT (OWN_CLASSIFIER) is pre-trained with the CSCL head on its scores.
+A classifier with BatchNorm (U-TAE's out_conv) is called with `train` like the encoder.
 """
 
 from collections.abc import Callable
@@ -22,6 +23,9 @@ from cscl_jax import cscl
 from cscl_jax.models import layers
 
 STAGES = ("pretrain", "finetune", "supervised")
+# `classifier_kernel` of an encoder whose output already is per-pixel class scores
+# (TSViT): no head in fine-tuning, the CSCL head on those scores in pre-training.
+OWN_CLASSIFIER = 0
 
 
 class Classifier(nn.Module):
@@ -70,10 +74,11 @@ def make_head(model_config: ml_collections.ConfigDict, *,
 
   Args:
     model_config: config.model (stage, num_classes and the CSCL head's fields).
-    classifier_kernel: the encoder's classifier kernel size; or a function
+    classifier_kernel: the encoder's classifier kernel size; None for an
+      encoder that classifies by itself (no head, no pre-training); OWN_CLASSIFIER
+      for one whose class scores are its per-pixel embedding; or a function
       (model_config, axis_name=) -> the encoder's own classifier module, called
-      with `train`; None for an encoder that classifies by itself (no head, no
-      pre-training).
+      with `train`.
     dtype: computation dtype of the CSCL head's projections.
     axis_name: pmap axis of a classifier's BatchNorm.
 
@@ -84,7 +89,7 @@ def make_head(model_config: ml_collections.ConfigDict, *,
   if stage not in STAGES:
     raise ValueError(f"model.stage={stage!r}; choose one of {STAGES}.")
   if stage != "pretrain":
-    if classifier_kernel is None:
+    if classifier_kernel in (None, OWN_CLASSIFIER):
       return None
     if callable(classifier_kernel):
       return classifier_kernel(model_config, axis_name=axis_name)

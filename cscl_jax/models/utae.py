@@ -24,9 +24,10 @@ widths [64, 64, 64, 128] / [32, 32, 64, 128], out_conv [32, 20]: 1,087,260 param
 
 Inputs are ours: [B, T, H, W, C], C - 1 bands then the day-of-year channel doy / 365.0001
 (the original takes the bands and the dates separately). The dates are recovered as whole
-days. A date is padding where all its bands equal `pad_value` (0): the input pipeline
-zero-pads missing dates, and the original tests the same. H and W must be divisible by 8;
-T is free.
+days, not clipped to 365 (the PASTIS weights count days from 2018-09-01). A date is padding
+where all its bands equal `pad_value` (0), the original's test; for our pipeline, which
+zero-pads missing dates, that is `dates.valid_dates`' doy channel = 0. H and W must be
+divisible by 8; T is free.
 """
 
 from collections.abc import Sequence
@@ -36,10 +37,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cscl_jax.models import dates
 from cscl_jax.models import layers
 from cscl_jax.models import ltae
 
-DOY_SCALE = 365.0001  # = cscl_jax.features.DOY_SCALE: the input channel is doy / DOY_SCALE.
 ENCODER_GROUPS = 4  # The original's GroupNorm(4) in the spatial encoder.
 
 
@@ -208,7 +209,8 @@ class UTAE(nn.Module):
     self._check(x)
     b, t, h, w, _ = x.shape
     bands = x[..., :-1].reshape(b * t, h, w, -1)  # dates as a batch: [BT, H, W, C-1]
-    positions = jnp.round(x[:, :, 0, 0, -1].astype(jnp.float32) * DOY_SCALE)  # [B, T]
+    days = x[:, :, 0, 0, -1].astype(jnp.float32) * dates.DOY_SCALE
+    positions = jnp.round(days)  # [B, T]
     pad_mask = jnp.all(x[..., :-1] == self.pad_value, axis=(2, 3, 4))  # [B, T]
     keep = ~pad_mask.reshape(b * t, 1, 1, 1)
 

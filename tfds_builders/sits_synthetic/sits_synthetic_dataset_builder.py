@@ -63,7 +63,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         features=features.sits_features(),
         supervised_keys=None,
         homepage="https://github.com/michaeltrs/DeepSatModels",
-        metadata=tfds.core.MetadataDict(class_names=list(simulator.CLASS_NAMES)),
+        metadata=features.sits_metadata(features.BANDS, simulator.CLASS_NAMES),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):

@@ -3,13 +3,13 @@
 import json
 import pathlib
 import pickle
-import tempfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfds_builders import testing
 from . import fake_data
 from . import t31tfm_1618_dataset_builder as builder_lib
 
@@ -17,28 +17,15 @@ _BANDS = ("B04", "B03", "B02", "B08", "B05", "B06", "B07", "B8A", "B11", "B12", 
           "B10")
 
 
-class T31tfm1618Test(tfds.testing.DatasetBuilderTestCase):
+class T31tfm1618Test(testing.FakeFolder, tfds.testing.DatasetBuilderTestCase):
   """Builds the fake folder, reads it back, reloads it, checks splits, tags and registration."""
   DATASET_CLASS = builder_lib.Builder
   SPLITS = {"train": 6, "validation": 3}
-
-  @classmethod
-  def setUpClass(cls):
-    cls._tmp = tempfile.TemporaryDirectory()
-    cls.EXAMPLE_DIR = str(fake_data.write(cls._tmp.name))
-    super().setUpClass()
-
-  @classmethod
-  def tearDownClass(cls):
-    super().tearDownClass()
-    cls._tmp.cleanup()
+  write_fake = staticmethod(fake_data.write)
 
 
 def _build(tmp_path, manual_dir):
-  builder = builder_lib.Builder(data_dir=str(tmp_path / "tfds"))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  return builder
+  return testing.build(builder_lib.Builder, tmp_path, manual_dir)
 
 
 def _expected(sample):
@@ -73,13 +60,6 @@ def test_examples_match_the_pickles(tmp_path):
       np.testing.assert_array_equal(example["parcel_ids"], sample["ids"])
       seen += 1
   assert seen == 9
-
-
-def test_resize_bilinear_matches_tf():
-  x = np.random.default_rng(0).random((2, 3, 8, 4))
-  got = builder_lib.resize_bilinear(x, 48, 12)
-  want = tf.image.resize(np.moveaxis(x, 1, -1), (48, 12), method="bilinear").numpy()
-  np.testing.assert_allclose(got, np.moveaxis(want, -1, 1), rtol=1e-5)
 
 
 def _rewrite(path, change):
