@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The network: everything needed to build it (cscl_jax.models.create_model).
   config.model = ml_collections.ConfigDict()
-  config.model.name = "unet3df"  # unet3df | unet3d | unet2d_convlstm | biconvgru | tsvit
+  # unet3df | unet3d | unet2d_convlstm | biconvgru | tsvit | utae
+  config.model.name = "unet3df"
   # pretrain: encoder + CSCL similarity head; finetune / supervised: encoder + classifier.
   config.model.stage = "pretrain"
   config.model.num_channels = 14  # 13 bands + day of year

@@ -71,6 +71,7 @@ _KINDS = {
     "rel_w": (lambda s: (s[0], 1, 1, 1, s[1]), lambda a, s: a[0].reshape(s)),
     "per_step": (lambda s: s[1:], lambda a, s: np.stack(a)),
     **convert_seq.KINDS,
+    "conv1d_as_dense": (lambda s: (s[1], s[0], 1), lambda a, s: a[0][:, :, 0].T),
 }
 
 
@@ -317,15 +318,38 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
       name=name, stage=stage, img_res=default_res, stride=stride, dilation=dilation,
       groups=groups, norm_emb=norm_emb))
   model_config.update(sizes)
+  entries = _entries(architecture, pretrain, model_config)
+  return model_config, build_variables(arrays, entries, model_config,
+                                       f"{architecture} ({stage})", sizes)
+
+
+def build_variables(arrays: Mapping[str, np.ndarray], entries: list,
+                    model_config: ml_collections.ConfigDict, network: str,
+                    sizes: Mapping[str, int]) -> dict[str, Any]:
+  """The variables of `models.create_model(model_config)` from a state dict's arrays.
+
+  Args:
+    arrays: PyTorch names -> numpy arrays.
+    entries: (our leaf path or None to drop, PyTorch key(s), kind of `_KINDS`) for every
+      entry of the state dict.
+    model_config: the network the arrays are converted for.
+    network: its name for messages, e.g. "UNET3Df (pretrain)".
+    sizes: the model fields inferred from the arrays, for messages.
+
+  Returns:
+    {"params": ..., "batch_stats": ...}, float32 numpy leaves.
+
+  Raises:
+    ValueError: naming every missing, unexpected or misshapen entry.
+  """
   expected = _variable_shapes(model_config)
-  leaves, problems = _convert_entries(
-      arrays, _entries(architecture, pretrain, model_config), expected)
+  leaves, problems = _convert_entries(arrays, entries, expected)
   if problems:
     raise ValueError(
-        f"The state dict does not fit {architecture} ({stage}) with "
-        f"{dict(sorted(sizes.items()))} (inferred from its shapes); "
-        f"{len(problems)} problem(s):\n  " + "\n  ".join(problems[:30]))
-  if set(leaves) != set(expected):  # A gap in the name tables above.
+        f"The state dict does not fit {network} with {dict(sorted(sizes.items()))} "
+        f"(inferred from its shapes); {len(problems)} problem(s):\n  "
+        + "\n  ".join(problems[:30]))
+  if set(leaves) != set(expected):  # A gap in the name tables.
     raise RuntimeError(f"No PyTorch source for {sorted(set(expected) - set(leaves))}.")
   variables = {}
   for path, value in leaves.items():
@@ -333,7 +357,7 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = value
-  return model_config, variables
+  return variables
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -376,6 +400,16 @@ def convert_checkpoint(checkpoint: str, workdir: str, architecture: str, stage: 
   """
   model_config, variables = from_deepsat(load_state_dict(checkpoint), architecture, stage,
                                          **options)
+  return save_converted(workdir, model_config, variables)
+
+
+def save_converted(workdir: str, model_config: ml_collections.ConfigDict,
+                   variables: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Saves converted variables as `<workdir>/checkpoints/0` (+ config.json holding the model).
+
+  Returns:
+    The saved config: {"model": model_config}.
+  """
   config = ml_collections.ConfigDict({"model": model_config})
   manager = checkpoints.create_manager(workdir, keep=1, best_metric="loss", best_mode="min")
   if manager.latest_step() is not None:
@@ -408,11 +442,16 @@ def main(argv: Sequence[str] | None = None) -> None:
       stride=args.cscl_win_stride, dilation=args.cscl_win_dilation, groups=args.attn_groups,
       norm_emb=args.norm_emb == "true", img_res=args.img_res, num_classes=args.num_classes,
       heads=args.heads)
+  print(next_steps(args.workdir, config))
+
+
+def next_steps(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """What was written and the --config flags that fine-tuning from it needs."""
   fields = " ".join(f"--config.model.{k}={v}" for k, v in sorted(config.model.items())
                     if k != "stage")
-  print(f"Wrote {os.path.join(args.workdir, checkpoints.CHECKPOINT_DIR)} (step 0) and "
-        f"{checkpoints.CONFIG_FILE}. Fine-tune with --config.init_from={args.workdir} "
-        f"and the same model fields: {fields}")
+  return (f"Wrote {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)} (step 0) and "
+          f"{checkpoints.CONFIG_FILE}. Fine-tune with --config.init_from={workdir} "
+          f"and the same model fields: {fields}")
 
 
 if __name__ == "__main__":

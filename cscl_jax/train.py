@@ -124,10 +124,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     The new state and the step's metrics ("loss", "grad_norm" and sums; identical on
     every device).
   """
+  # Dropout (U-TAE's L-TAE): a different mask on every step and device.
+  dropout_rng = jax.random.fold_in(jax.random.fold_in(
+      jax.random.key(config.seed), state.step), lax.axis_index(axis_name))
+
   def loss_fn(params):
     outputs, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["inputs"],
-        train=True, mutable=["batch_stats"])
+        train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
     loss, sums = compute_loss(outputs, batch, config, axis_name)
     # The global loss. Under shard_map its gradient w.r.t. the replicated params is
     # already the global gradient (the pmean below leaves it as is); under pmap each

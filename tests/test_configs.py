@@ -11,7 +11,8 @@ from configs import finetune, pretrain, supervised
 from configs import test as test_config
 from cscl_jax import models
 
-VARIANTS = ("", "quick", "t31tfm", "pastis", "mtlcc", "quick_biconvgru", "quick_tsvit")
+VARIANTS = ("", "quick", "t31tfm", "pastis", "mtlcc", "quick_biconvgru", "quick_tsvit",
+            "quick_utae")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -30,7 +31,7 @@ def test_stages_of_a_variant_share_data_and_encoder_shape(variant):
     assert config.dataset.num_classes == config.model.num_classes
 
 
-@pytest.mark.parametrize("name", ["biconvgru", "tsvit"])
+@pytest.mark.parametrize("name", ["biconvgru", "tsvit", "utae"])
 def test_quick_encoder_variants_build_for_their_data(name):
   # Every stage of quick_<name> is that encoder (its own supervised baseline), on the
   # quick run's data shapes.
