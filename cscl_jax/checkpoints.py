@@ -174,3 +174,59 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
     with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     os.replace(path + ".tmp", path)
+
+
+def best_metric(stage: str) -> tuple[str, str]:
+  """(metric, "min" | "max") that ranks the checkpoints of a `stage` run."""
+  return ("loss", "min") if stage == "pretrain" else ("miou", "max")
+
+
+def find_step(workdir: str, which: str, stage: str) -> int:
+  """Resolves "best", "latest" or a step number to a saved step of `workdir`.
+
+  Args:
+    workdir: a training run's directory.
+    which: "best" (by the stage's validation metric), "latest", or a step number.
+    stage: config.model.stage of the run (chooses the ranking metric).
+
+  Raises:
+    FileNotFoundError: if the workdir holds no checkpoint, or not that step.
+  """
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir} holds no '{CHECKPOINT_DIR}' directory: pass the "
+                            "--workdir of a training run.")
+  metric, mode = best_metric(stage)
+  options = ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m[metric],
+                                         best_mode=mode)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    steps = manager.all_steps()
+    step = {"best": manager.best_step, "latest": manager.latest_step}.get(which)
+    step = step() if step else (int(which) if which.isdigit() else which)
+  if step is None or step not in steps:
+    raise FileNotFoundError(
+        f"No checkpoint {which!r} in {directory} (steps {sorted(steps)}; 'best' needs one "
+        "saved with validation metrics): use --checkpoint=best, latest or one of the steps.")
+  return step
+
+
+def restore_step(workdir: str, step: int, target: Any) -> Any:
+  """Restores checkpoint `step` of `workdir` into the structure of `target`.
+
+  Args:
+    workdir: a training run's directory.
+    step: from `find_step`.
+    target: a state (or a tree of `jax.ShapeDtypeStruct`) with the saved structure.
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  with _reader(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)) as manager:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (`<workdir>/config.json`)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: pass the --workdir of a training run.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

@@ -301,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rng = jax.random.key(config.seed, impl="rbg")
   state = create_train_state(rng, config, model, learning_rate_fn)
 
-  best_metric, best_mode = ("loss", "min") if m.stage == "pretrain" else ("miou", "max")
+  best_metric, best_mode = checkpoints.best_metric(m.stage)
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints,
                                        best_metric=best_metric, best_mode=best_mode)
   checkpoints.check_config(workdir, config, manager.latest_step() is not None)

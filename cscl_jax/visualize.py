@@ -92,3 +92,34 @@ def plot_similarity(path: str, inputs: np.ndarray, labels: np.ndarray, sim: np.n
              ("mean sim. to neighbours", s, {"cmap": "viridis"})]
             for x, y, s in zip(inputs, labels, neighbours.mean(axis=-1))]
   _save(path, panels)
+
+
+def plot_confusion(path: str, confusion: np.ndarray, class_names: list[str]) -> None:
+  """Saves the row-normalised confusion matrix (recall on the diagonal) with class names.
+
+  Args:
+    path: PNG file to write.
+    confusion: [N, N] counts, rows true class, columns predicted class.
+    class_names: the N class names.
+  """
+  confusion = np.asarray(confusion, np.float64)
+  totals = confusion.sum(axis=1, keepdims=True)
+  normalised = np.divide(confusion, totals, out=np.zeros_like(confusion), where=totals > 0)
+  n = len(class_names)
+  fig, ax = plt.subplots(figsize=(2 + 0.45 * n, 1.5 + 0.45 * n))
+  shown = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+  fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
+  ticks = np.arange(n)
+  ax.set_xticks(ticks, class_names, rotation=90, fontsize=8)
+  ax.set_yticks(ticks, class_names, fontsize=8)
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  if n <= 25:
+    for (i, j), value in np.ndenumerate(normalised):
+      if value >= 0.005:
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                color="white" if value > 0.5 else "black")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
