@@ -24,11 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cscl_jax import features
+from cscl_jax import resolution
 
-# Native pixel size of each band in units of 10 m.
-_FACTOR = {**dict.fromkeys(("B02", "B03", "B04", "B08"), 1),
-           **dict.fromkeys(("B05", "B06", "B07", "B8A", "B11", "B12"), 2),
-           **dict.fromkeys(("B01", "B09", "B10"), 6)}
 _GROUND_TRUTHS = ("labels", "ids", "full_ass", "part_ass")
 # Class names: the French LPIS (RPG) codes the reference gives for the 20 labels_20k2k codes.
 _CODE_NAMES = {1: "PPH", 2: "J6S", 3: "VRC", 6: "SNE", 7: "ORH", 8: "PRL", 9: "TTH", 10: "PTC",
@@ -44,21 +41,6 @@ def _label_map() -> tuple[np.ndarray, np.ndarray, int]:
   return codes, np.array([spec["map"][str(code)] for code in codes]), spec["unknown_class"]
 
 
-def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Resizes [..., h, w] to [..., height, width]: bilinear, half-pixel centres, edges clamped."""
-  for axis, size in ((-2, height), (-1, width)):
-    n = image.shape[axis]
-    source = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
-    low = np.floor(source).astype(int)
-    high = np.minimum(low + 1, n - 1)
-    shape = [1] * image.ndim
-    shape[axis] = size
-    weight = (source - low).reshape(shape)
-    image = (np.take(image, low, axis=axis) * (1 - weight)
-             + np.take(image, high, axis=axis) * weight)
-  return image
-
-
 def _checked(path: tfds.core.Path, sample) -> tuple[int, int]:
   """Returns (H, W) after checking the keys and shapes of one sample; raises naming the file."""
   if not isinstance(sample, dict):
@@ -71,7 +53,8 @@ def _checked(path: tfds.core.Path, sample) -> tuple[int, int]:
                      f"labels {np.shape(sample['labels'])} (expected [H, W]).")
   (num_dates,), (height, width) = np.shape(sample["doy"]), np.shape(sample["labels"])
   want = {k: (height, width) for k in _GROUND_TRUTHS}
-  want.update({b: (num_dates, height // f, width // f) for b, f in _FACTOR.items()})
+  want.update({b: (num_dates, height // f, width // f)
+               for b, f in resolution.BAND_FACTOR.items()})
   wrong = [f"{k} {np.shape(sample[k])} (expected {shape})"
            for k, shape in want.items() if np.shape(sample[k]) != shape]
   if height % 6 or width % 6:
@@ -91,7 +74,8 @@ def _example(path: tfds.core.Path, label_map) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e}).") from e
   height, width = _checked(path, sample)
   bands = [np.asarray(sample[b], np.float64) for b in features.BANDS]
-  image = np.stack([resize_bilinear(x, height, width) if _FACTOR[b] > 1 else x
+  image = np.stack([resolution.resize_bilinear(x, height, width)
+                    if resolution.BAND_FACTOR[b] > 1 else x
                     for b, x in zip(features.BANDS, bands)], axis=-1)  # [T, H, W, 13]
   codes, classes, unknown = label_map
   raw = np.rint(sample["labels"]).astype(np.int64)

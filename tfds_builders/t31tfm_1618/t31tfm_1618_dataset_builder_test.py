@@ -10,6 +10,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from cscl_jax import resolution
+
 from . import fake_data
 from . import t31tfm_1618_dataset_builder as builder_lib
 
@@ -77,7 +79,7 @@ def test_examples_match_the_pickles(tmp_path):
 
 def test_resize_bilinear_matches_tf():
   x = np.random.default_rng(0).random((2, 3, 8, 4))
-  got = builder_lib.resize_bilinear(x, 48, 12)
+  got = resolution.resize_bilinear(x, 48, 12)
   want = tf.image.resize(np.moveaxis(x, 1, -1), (48, 12), method="bilinear").numpy()
   np.testing.assert_allclose(got, np.moveaxis(want, -1, 1), rtol=1e-5)
 
