@@ -20,32 +20,14 @@ from absl import flags
 from absl import logging
 from flax import jax_utils
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from cscl_jax import checkpoints
 from cscl_jax import input_pipeline
 from cscl_jax import metrics
-from cscl_jax import models
 from cscl_jax import train
 from cscl_jax import visualize
-
-flags.DEFINE_string("workdir", None, "Directory of the training run to evaluate.")
-flags.DEFINE_string("split", "test", "Dataset split to evaluate on.")
-flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-flags.DEFINE_string("data_dir", None, "TFDS data dir, if not the one the run was trained with.")
-
-
-def restore_state(workdir: str, config: ml_collections.ConfigDict,
-                  checkpoint: str) -> tuple[train.TrainState, int]:
-  """Restores checkpoint "best" | "latest" | "<step>" of a run; returns (state, step)."""
-  model = models.create_model(config.model, dtype=config.dtype, axis_name=train.AXIS)
-  abstract = jax.eval_shape(lambda: train.create_train_state(
-      jax.random.key(0, impl="rbg"), config, model, train.learning_rate_schedule(config, 1)))
-  step = checkpoints.find_step(workdir, checkpoint, config.model.stage)
-  return checkpoints.restore_step(workdir, step, abstract), step
-
 
 def class_table(confusion: np.ndarray, class_names: list[str]) -> str:
   """A text table of per-class pixels, precision, recall, IoU and F1."""
@@ -73,7 +55,7 @@ def evaluate_checkpoint(workdir: str, split: str, checkpoint: str,
   if split not in info.num_examples:
     raise ValueError(f"--split={split!r}: {config.dataset.name} has splits "
                      f"{sorted(info.num_examples)}.")
-  state, step = restore_state(workdir, config, checkpoint)
+  state, step = train.restore_state(workdir, config, checkpoint)
   logging.info("Evaluating step %d of %s on %s (%d examples).", step, workdir, split,
                info.num_examples[split])
   p_eval_step = jax.pmap(functools.partial(train.eval_step, config=config,
@@ -104,14 +86,23 @@ def evaluate_checkpoint(workdir: str, split: str, checkpoint: str,
   return scores
 
 
+def _define_flags() -> None:
+  """The command line (defined only when run, so that tests import several entry points)."""
+  flags.DEFINE_string("workdir", None, "Directory of the training run to evaluate.")
+  flags.DEFINE_string("split", "test", "Dataset split to evaluate on.")
+  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+  flags.DEFINE_string("data_dir", None, "TFDS data dir, if not the run's.")
+  flags.mark_flags_as_required(["workdir"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   tf.config.set_visible_devices([], "GPU")
-  flags_ = flags.FLAGS
-  evaluate_checkpoint(flags_.workdir, flags_.split, flags_.checkpoint, flags_.data_dir)
+  f = flags.FLAGS
+  evaluate_checkpoint(f.workdir, f.split, f.checkpoint, f.data_dir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
+  _define_flags()
   app.run(main)

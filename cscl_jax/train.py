@@ -364,3 +364,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.wait_until_finished()
     writer.flush()
   return scores
+
+
+def restore_state(workdir: str, config: ml_collections.ConfigDict,
+                  checkpoint: str) -> tuple[TrainState, int]:
+  """Restores checkpoint "best" | "latest" | "<step>" of the run in `workdir`.
+
+  Args:
+    workdir: a training run's directory.
+    config: the run's config (`checkpoints.load_config(workdir)`).
+    checkpoint: "best" (by the run's validation metric), "latest" or a step number.
+
+  Returns:
+    (state with numpy leaves, its step).
+  """
+  model = models.create_model(config.model, dtype=jnp.dtype(config.dtype), axis_name=AXIS)
+  abstract = jax.eval_shape(lambda: create_train_state(
+      jax.random.key(0, impl="rbg"), config, model, learning_rate_schedule(config, 1)))
+  step = checkpoints.find_step(workdir, checkpoint, config.model.stage)
+  return checkpoints.restore_step(workdir, step, abstract), step

@@ -28,10 +28,14 @@ def rgb_composite(inputs: np.ndarray) -> np.ndarray:
   return np.clip((rgb - low) / max(high - low, 1e-6), 0, 1)
 
 
+def class_colors(num_classes: int) -> np.ndarray:
+  """RGBA colours in [0, 1] of the classes, [N, 4]: tab20 (repeating after 20 classes)."""
+  return plt.get_cmap("tab20")(np.arange(num_classes) % 20)
+
+
 def _label_colors(num_classes: int) -> colors.ListedColormap:
   """tab20 colours for the classes, black for unknown (index num_classes)."""
-  palette = plt.get_cmap("tab20")(np.arange(num_classes) % 20)
-  return colors.ListedColormap(np.concatenate([palette, [[0, 0, 0, 1]]]))
+  return colors.ListedColormap(np.concatenate([class_colors(num_classes), [[0, 0, 0, 1]]]))
 
 
 def _save(path: str, panels: list[list[tuple[str, np.ndarray, dict]]]) -> None:
