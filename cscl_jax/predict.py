@@ -24,10 +24,11 @@ inputs differ within one coarse pixel of the edges).
 
 import datetime
 import functools
+import itertools
 import json
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import app
 from absl import flags
@@ -146,36 +147,50 @@ def make_forward(config: ml_collections.ConfigDict, variables: Any,
   return forward
 
 
+def _windows(reader: products.TileReader, area: Window, grid: tiling.Grid,
+             config: ml_collections.ConfigDict, windows_per_read: int, max_cloud: float
+             ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+  """Yields (i, j, inputs, observed) of the grid's windows in row-major order."""
+  size = grid.window
+  for i, row in enumerate(grid.rows):
+    for first in range(0, len(grid.cols), windows_per_read):
+      cols = range(first, min(first + windows_per_read, len(grid.cols)))
+      left = grid.cols[cols[0]]
+      stack = reader.read(Window(area.col_off + left, area.row_off + row,
+                                 grid.cols[cols[-1]] + size - left, size))
+      for j in cols:
+        c = grid.cols[j] - left
+        window = products.Stack(stack.image[:, :, c:c + size], stack.bad[:, :, c:c + size],
+                                stack.dates)
+        yield (i, j, *prepare_window(window, config, max_cloud))
+
+
 def predict_area(reader: products.TileReader, area: Window, config: ml_collections.ConfigDict,
                  forward: Callable[[np.ndarray], np.ndarray], writer: maps.MapWriter, *,
                  stride: int, blending: str, batch_size: int, windows_per_read: int,
                  max_cloud: float, progress: bool = True) -> int:
-  """Predicts `area` of the reader's tile window by window into `writer`; returns #windows."""
-  size, scale = config.model.img_res, config.model.get("output_magnification", 1)
-  grid = tiling.make_grid(int(area.height), int(area.width), size, stride,
+  """Predicts `area` of the reader's tile window by window into `writer`; returns #windows.
+
+  Batches run across window rows (no batch is padded but the last); a row of the map is
+  written as soon as the windows of the next row start to arrive.
+  """
+  scale = config.model.get("output_magnification", 1)
+  grid = tiling.make_grid(int(area.height), int(area.width), config.model.img_res, stride,
                           blending=blending, scale=scale)
   blender = tiling.StripBlender(grid, config.model.num_classes)
-  up = lambda x: np.repeat(np.repeat(x, scale, 0), scale, 1)
+  windows = _windows(reader, area, grid, config, windows_per_read, max_cloud)
+  row = 0  # the first row of windows not yet written
   with tqdm.tqdm(total=grid.num_windows, unit="window", disable=not progress) as bar:
-    for i, row in enumerate(grid.rows):
-      pending = []  # (j, inputs, observed) of windows not yet predicted
-      for first in range(0, len(grid.cols), windows_per_read):
-        cols = range(first, min(first + windows_per_read, len(grid.cols)))
-        left = grid.cols[cols[0]]
-        stack = reader.read(Window(area.col_off + left, area.row_off + row,
-                                   grid.cols[cols[-1]] + size - left, size))
-        for j in cols:
-          c = grid.cols[j] - left
-          window = products.Stack(stack.image[:, :, c:c + size], stack.bad[:, :, c:c + size],
-                                  stack.dates)
-          pending.append((j, *prepare_window(window, config, max_cloud)))
-        while len(pending) >= batch_size or (pending and cols[-1] == len(grid.cols) - 1):
-          batch, pending = pending[:batch_size], pending[batch_size:]
-          logits = forward(np.stack([inputs for _, inputs, _ in batch]))
-          for (j, _, observed), window_logits in zip(batch, logits):
-            blender.add(i, j, window_logits, up(observed))
-          bar.update(len(batch))
-      writer.write(*blender.finish_row(i))
+    while batch := list(itertools.islice(windows, batch_size)):
+      logits = forward(np.stack([inputs for _, _, inputs, _ in batch]))
+      for (i, j, _, observed), window_logits in zip(batch, logits):
+        while row < i:  # Row `row` has all its windows: write what it finished.
+          writer.write(*blender.finish_row(row))
+          row += 1
+        observed = np.repeat(np.repeat(observed, scale, 0), scale, 1)
+        blender.add(i, j, window_logits, observed)
+      bar.update(len(batch))
+  writer.write(*blender.finish_row(row))
   return grid.num_windows
 
 

@@ -16,6 +16,7 @@ import rasterio.warp
 from rasterio.windows import Window
 
 from cscl_jax import checkpoints
+from cscl_jax import features
 from cscl_jax import maps
 from cscl_jax import models
 from cscl_jax import predict
@@ -147,3 +148,30 @@ def test_products_that_do_not_fit_the_model(run, tile_dir, tmp_path):
   assert predict.area_window(tile, lonlat, "EPSG:4326") == Window(6, 6, 24, 24)
   with pytest.raises(ValueError, match="multiples of 6"):
     predict.predict_tile(workdir, tile_dir, str(tmp_path / "x.tif"), overlap=4)
+
+
+def test_super_resolution_map_is_on_the_finer_grid(tile_dir, tmp_path):
+  """A stand-in model whose class is the fake B04 value of the pixel, at 2x resolution."""
+  config = _config(tmp_path)
+  config.model.output_magnification = 2
+  num_classes = config.model.num_classes
+
+  def forward(inputs):  # [B, T, S, S, C] -> one-hot logits [B, 2S, 2S, N]
+    classes = np.rint(inputs[:, 0, :, :, 0] / features.REFLECTANCE_SCALE).astype(int)
+    logits = np.eye(num_classes, dtype=np.float32)[classes % num_classes]
+    return np.repeat(np.repeat(logits, 2, 1), 2, 2)
+
+  tile, out = products.discover_tile(tile_dir), str(tmp_path / "x2.tif")
+  area = Window(6, 12, 36, 30)
+  with products.TileReader(tile) as reader, maps.MapWriter(
+      out, crs=tile.crs, transform=maps.map_transform(tile.transform, 6, 12, 2), width=72,
+      height=60, class_names=[str(c) for c in range(num_classes)]) as writer:
+    predict.predict_area(reader, area, config, forward, writer, stride=6, blending="blend",
+                         batch_size=5, windows_per_read=2, max_cloud=0.5, progress=False)
+  with rasterio.open(out) as src:
+    classes, transform = src.read(1), src.transform
+  rows, cols = np.mgrid[12:42, 6:42]  # tile pixels of the area
+  expected = fake_products.encoded(0, 0, rows, cols, SIZE) % num_classes
+  expected = np.repeat(np.repeat(expected, 2, 0), 2, 1)
+  assert transform == tile.transform @ rasterio.Affine(5 / 10, 0, 6, 0, 5 / 10, 12)
+  np.testing.assert_array_equal(classes, expected)
