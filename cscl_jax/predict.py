@@ -101,7 +101,8 @@ def check_products(tile: products.Tile, config: ml_collections.ConfigDict,
     raise ValueError(f"Cannot map {tile.source} with {m.name}/{m.stage}:\n  "
                      + "\n  ".join(problems))
   if not tile.has_mask:
-    logging.warning("Some products have no cloud mask (L1C): their dates count as clear.")
+    logging.warning("Some products have no cloud mask (L1C, or no SCL.tif): only their "
+                    "no-data pixels count as unusable.")
 
 
 def prepare_window(stack: products.Stack, config: ml_collections.ConfigDict,
