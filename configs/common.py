@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.num_channels = config.model.get_ref("num_channels")
   config.dataset.num_classes = config.model.get_ref("num_classes")
   # Which max_seq_len dates to keep: "first" (the reference's cut, used for T31TFM) or
-  # "even" (spread over the season; the synthetic dates span a whole year).
+  # "even" (evenly spaced by index, first and last kept: by acquisition, not by day of year).
   config.dataset.time_sampling = "even"
   config.dataset.shuffle_buffer = 512
   config.dataset.prefetch = 2

@@ -34,16 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import common
 from cscl_jax import checkpoints
 from cscl_jax import models
+from cscl_jax.models import segmenter
 
 # Original MODEL.architecture -> (our model.name, reference image size).
 ARCHITECTURES = {"UNET3Df": ("unet3df", 48), "UNET3D": ("unet3d", 48),
                  "UNET2D-CLSTM": ("unet2d_convlstm", 24)}
-# "pretrain" is the original's train_stage 0; "finetune" / "supervised" are train_stage 2
-# (for UNET3D, which has no stages, the network itself).
-STAGES = ("pretrain", "finetune", "supervised")
 _UNET2D = "fcn.unet_"
 _CELL = "crnn_main.clstm.cell_list.0."
 
@@ -154,10 +151,10 @@ def _entries(architecture: str, pretrain: bool, time_steps: int) -> list:
             ((*h, "rel_w"), "attn_sim.rel_w", "rel_w")]
   if architecture == "UNET3Df":
     if not pretrain:  # nn.Linear(E, K) on [B, H, W, E]: segmenter.Classifier's 1x1 conv
-      head = [((*h, "Conv_0", "kernel"), "linear_out.weight", "linear_as_conv1x1"),
-              ((*h, "Conv_0", "bias"), "linear_out.bias", "copy")]
+      head = [((*h, "conv", "kernel"), "linear_out.weight", "linear_as_conv1x1"),
+              ((*h, "conv", "bias"), "linear_out.bias", "copy")]
     return _unet3d_entries("backbone.") + head
-  classifier = _conv(("head", "Conv_0"), "main_finalconv")  # the Classifier's 3x3 conv
+  classifier = _conv(("head", "conv"), "main_finalconv")  # the Classifier's 3x3 conv
   if pretrain:  # FCN_CRNN builds its classifier in every stage; stage 0 never uses it.
     classifier = [(None, key, kind) for _, key, kind in classifier]
   return _unet2d_convlstm_entries(time_steps) + head + classifier
@@ -281,7 +278,9 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
   if architecture not in ARCHITECTURES:
     raise ValueError(f"architecture={architecture!r}; choose one of "
                      f"{sorted(ARCHITECTURES)} (the original's MODEL.architecture).")
-  allowed = STAGES[1:] if architecture == "UNET3D" else STAGES
+  # "pretrain" is the original's train_stage 0; "finetune" / "supervised" are train_stage 2
+  # (for UNET3D, which has no stages, the network itself).
+  allowed = segmenter.STAGES[1:] if architecture == "UNET3D" else segmenter.STAGES
   if stage not in allowed:
     raise ValueError(f"stage={stage!r} for {architecture}; choose one of {allowed} "
                      "('pretrain' is the original's train_stage 0, 'finetune' stage 2).")
@@ -294,10 +293,10 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
       raise ValueError(f"num_classes={num_classes} but the classifier in the weights "
                        f"has {sizes['num_classes']} outputs.")
     sizes["num_classes"] = num_classes
-  model_config = ml_collections.ConfigDict(common.get_config().model.to_dict())
-  model_config.update(name=name, stage=stage, img_res=img_res or default_res,
-                      stride=stride, dilation=dilation, groups=groups, norm_emb=norm_emb,
-                      **sizes)
+  # Only what the weights and the arguments tell: a run's config.model takes these over.
+  model_config = ml_collections.ConfigDict(dict(
+      name=name, stage=stage, img_res=img_res or default_res, stride=stride,
+      dilation=dilation, groups=groups, norm_emb=norm_emb, **sizes))
   expected = _variable_shapes(model_config)
   leaves, problems = _convert_entries(
       arrays, _entries(architecture, pretrain, model_config.max_seq_len), expected)
@@ -353,12 +352,11 @@ def convert_checkpoint(checkpoint: str, workdir: str, architecture: str, stage: 
     **options: keyword arguments of `from_deepsat` (stride, dilation, groups, ...).
 
   Returns:
-    The full config (configs/common.py) with the converted network's config.model.
+    {"model": the converted network's config.model}, as written to config.json.
   """
   model_config, variables = from_deepsat(load_state_dict(checkpoint), architecture, stage,
                                          **options)
-  config = common.get_config()
-  config.model.update(model_config.to_dict())
+  config = ml_collections.ConfigDict({"model": model_config})
   manager = checkpoints.create_manager(workdir, keep=1, best_metric="loss", best_mode="min")
   if manager.latest_step() is not None:
     raise ValueError(f"{workdir} already holds checkpoints; pass a new --workdir.")
@@ -374,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", required=True, help=".pth saved by the original code")
   parser.add_argument("--architecture", required=True, choices=sorted(ARCHITECTURES))
-  parser.add_argument("--stage", required=True, choices=STAGES,
+  parser.add_argument("--stage", required=True, choices=segmenter.STAGES,
                       help="pretrain = train_stage 0, finetune = train_stage 2")
   parser.add_argument("--workdir", required=True, help="new directory for the checkpoint")
   parser.add_argument("--cscl_win_stride", type=int, default=1)
@@ -388,12 +386,11 @@ def main(argv: Sequence[str] | None = None) -> None:
       args.checkpoint, args.workdir, args.architecture, args.stage,
       stride=args.cscl_win_stride, dilation=args.cscl_win_dilation, groups=args.attn_groups,
       norm_emb=args.norm_emb == "true", img_res=args.img_res, num_classes=args.num_classes)
-  default = common.get_config().model
   fields = " ".join(f"--config.model.{k}={v}" for k, v in sorted(config.model.items())
-                    if k != "stage" and v != default[k])
+                    if k != "stage")
   print(f"Wrote {os.path.join(args.workdir, checkpoints.CHECKPOINT_DIR)} (step 0) and "
         f"{checkpoints.CONFIG_FILE}. Fine-tune with --config.init_from={args.workdir} "
-        f"and the same model fields: {fields or '(the defaults)'}")
+        f"and the same model fields: {fields}")
 
 
 if __name__ == "__main__":

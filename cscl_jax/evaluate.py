@@ -4,14 +4,14 @@
 
 Reads the run's config from `<workdir>/config.json`, restores the checkpoint ("best" by the
 validation metric the run ranked its checkpoints with, "latest", or a step number) and runs
-the training loop's own eval step over the split. Writes, in the workdir:
+the training loop's own eval step over the whole split (every example once: the last
+batches are padded with examples that count nowhere). Writes, in the workdir:
   eval_<split>_<step>.json                the scores, with the keys of metrics.json;
   plots/confusion_<split>_<step>.png      the row-normalised confusion matrix (segmentation);
 and logs a per-class table (pixels, precision, recall, IoU, F1).
 """
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from cscl_jax import checkpoints
+from cscl_jax import console
 from cscl_jax import input_pipeline
 from cscl_jax import metrics
 from cscl_jax import train
@@ -70,20 +71,17 @@ def evaluate_checkpoint(workdir: str, split: str, checkpoint: str,
 
   scores, _, _ = train.evaluate(
       eval_step_keeping_confusions, jax_utils.replicate(state, axis_name=train.AXIS),
-      input_pipeline.create_split(config, split, train=False), info.class_names,
-      config.model.stage)
-  scores = {"step": step, **scores}
-  logging.info("%s at step %d: %s", split, step, ", ".join(
-      f"{k}={v:.4f}" for k, v in scores.items() if k != "step" and "iou/" not in k))
-  with open(os.path.join(workdir, f"eval_{split}_{step}.json"), "w") as f:
-    json.dump(scores, f, indent=2)
+      input_pipeline.create_split(config, split, train=False, info=info),
+      class_names=info.class_names, stage=config.model.stage)
+  logging.info("%s at step %d: %s", split, step, console.headline(scores))
+  train.write_metrics(os.path.join(workdir, f"eval_{split}_{step}.json"), step, scores)
   if confusions:
     confusion = np.sum(confusions, axis=0)[0]  # All known pixels.
     logging.info("Per-class scores on %s:\n%s", split, class_table(confusion,
                                                                    info.class_names))
     visualize.plot_confusion(os.path.join(workdir, "plots", f"confusion_{split}_{step}.png"),
                              confusion, list(info.class_names))
-  return scores
+  return {"step": step, **scores}
 
 
 def _define_flags() -> None:

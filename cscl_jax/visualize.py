@@ -6,8 +6,7 @@ date, 2-98 percentile stretch), the labels, and then either the prediction and i
 (pre-training: low values should trace parcel boundaries).
 """
 
-import os
-
+from etils import epath
 import matplotlib
 matplotlib.use("Agg")
 from matplotlib import colors  # pylint: disable=g-import-not-at-top
@@ -38,7 +37,7 @@ def _label_colors(num_classes: int) -> colors.ListedColormap:
   return colors.ListedColormap(np.concatenate([class_colors(num_classes), [[0, 0, 0, 1]]]))
 
 
-def _save(path: str, panels: list[list[tuple[str, np.ndarray, dict]]]) -> None:
+def _save(path: str | epath.Path, panels: list[list[tuple[str, np.ndarray, dict]]]) -> None:
   """Saves a grid of images: panels[row][col] = (title, image, imshow kwargs)."""
   rows, cols = len(panels), len(panels[0])
   fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows), squeeze=False)
@@ -50,8 +49,10 @@ def _save(path: str, panels: list[list[tuple[str, np.ndarray, dict]]]) -> None:
       ax.set_title(title, fontsize=9)
       ax.axis("off")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=80)
+  path = epath.Path(path)  # Local or a bucket (gs://...) alike.
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    fig.savefig(f, dpi=80, format="png")
   plt.close(fig)
 
 

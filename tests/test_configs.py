@@ -1,4 +1,7 @@
-"""The launch configs: each builds and locks, and the stages of one variant fit together."""
+"""The launch configs: each builds, and the stages of one variant fit together.
+
+(That `main` locks them, so a misspelt `--config.x` fails, is tested in test_main.py.)
+"""
 
 import pytest
 
@@ -33,10 +36,3 @@ def test_t31tfm_variant_is_the_french_benchmark():
 def test_an_unknown_variant_is_refused():
   with pytest.raises(ValueError, match="'quickk'"):
     finetune.get_config("quickk")
-
-
-def test_a_misspelt_override_fails_loudly():
-  config = test_config.get_config()
-  config.lock()
-  with pytest.raises(AttributeError):
-    config.model.num_feature = 3  # pylint: disable=attribute-defined-outside-init

@@ -24,6 +24,7 @@ import pytest
 
 from cscl_jax import input_pipeline
 from cscl_jax import models
+from cscl_jax import preemption
 from cscl_jax import train
 from configs import test as test_config
 
@@ -116,7 +117,7 @@ def child_main(out: str) -> None:
          "shard_map": functools.partial(_train_shard_map, devices=jax.devices())}
   results = {stage: run[how](_config(stage)) for stage, how in CASES}
   # Only process 1 got a SIGTERM: both stop at the next agreement step (every 2 steps).
-  stops = [train._stop_agreed(jax.process_index() == 1, step, every=2) for step in (3, 4)]
+  stops = [preemption.stop_agreed(jax.process_index() == 1, step, every=2) for step in (3, 4)]
   if jax.process_index() == 0:
     flat = {f"{stage}/{jax.tree_util.keystr(path)}": leaf for stage, params in results.items()
             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
@@ -182,8 +183,9 @@ def test_each_process_reads_its_own_share(data_dir, monkeypatch):
   for index in range(2):
     _pretend_process(monkeypatch, index)
     batches = list(input_pipeline.create_split(config, "train", train=False))
-    # batch_size is global: 16 / 2 processes / 8 devices = 1 sample per device.
-    assert len(batches) == 1 and batches[0]["inputs"].shape[:2] == (8, 1)
+    # batch_size is global: 16 / 2 processes / 8 devices = 1 sample per device; 12
+    # examples per process: a second batch of 4 examples and 4 padding ones.
+    assert len(batches) == 2 and batches[0]["inputs"].shape[:2] == (8, 1)
     start = index * per_process
     np.testing.assert_array_equal(batches[0]["inputs"][:, 0], examples[start:start + 8])
 
@@ -201,7 +203,7 @@ def test_only_process_0_writes(data_dir, tmp_path, monkeypatch):
   batch = next(input_pipeline.create_split(config, "validation", train=False))
   monkeypatch.setattr(input_pipeline, "create_split", lambda *_, **__: iter([batch]))
   num_devices = batch["labels"].shape[0]
-  sums = {k: np.ones(num_devices) for k in ("loss", "sim_same_sum", "same_count",
+  sums = {k: np.ones(num_devices) for k in ("loss_sum", "loss_count", "sim_same_sum", "same_count",
                                             "sim_diff_sum", "diff_count")}
   sim = np.zeros(batch["labels"].shape + (3, 3), np.float32)
   info = input_pipeline.dataset_info(config)

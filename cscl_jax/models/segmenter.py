@@ -19,11 +19,12 @@ import ml_collections
 from cscl_jax import cscl
 from cscl_jax.models import layers
 
+# The training stages (SPEC.md §3); the one list the loop, the converter and the heads use.
 STAGES = ("pretrain", "finetune", "supervised")
 
 
 class Classifier(nn.Module):
-  """Per-pixel classifier: a k x k conv (k = 1 is the reference's Linear).
+  """Per-pixel classifier: a k x k conv (k = 1 is the reference's Linear), named "conv".
 
   Runs in float32 whatever the encoder's dtype.
 
@@ -39,7 +40,7 @@ class Classifier(nn.Module):
     """Maps embeddings [B, H, W, E] to float32 logits [B, H, W, num_classes]."""
     k = self.kernel_size
     return nn.Conv(self.num_classes, (k, k), padding=k // 2, dtype=jnp.float32,
-                   kernel_init=layers.TORCH_DEFAULT_INIT)(emb.astype(jnp.float32))
+                   kernel_init=layers.TORCH_DEFAULT_INIT, name="conv")(emb.astype(jnp.float32))
 
 
 class Segmenter(nn.Module):
