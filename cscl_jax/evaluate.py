@@ -96,6 +96,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs(logging.get_absl_handler())
   tf.config.set_visible_devices([], "GPU")
   f = flags.FLAGS
   evaluate_checkpoint(f.workdir, f.split, f.checkpoint, f.data_dir)

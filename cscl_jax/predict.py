@@ -46,6 +46,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from cscl_jax import checkpoints
+from cscl_jax import console
 from cscl_jax import features
 from cscl_jax import input_pipeline
 from cscl_jax import maps
@@ -288,6 +289,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  console.quiet_third_party_logs(logging.get_absl_handler())
   tf.config.set_visible_devices([], "GPU")
   f = flags.FLAGS
   bounds = tuple(float(v) for v in f.bounds.split(",")) if f.bounds else None

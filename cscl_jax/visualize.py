@@ -48,11 +48,16 @@ def _save(path: str | epath.Path, panels: list[list[tuple[str, np.ndarray, dict]
         fig.colorbar(shown, ax=ax, fraction=0.046)
       ax.set_title(title, fontsize=9)
       ax.axis("off")
+  _write_png(fig, path, dpi=80)
+
+
+def _write_png(fig: plt.Figure, path: str | epath.Path, dpi: int) -> None:
+  """Saves and closes `fig` as a PNG, local or in a bucket (gs://...) alike."""
   fig.tight_layout()
-  path = epath.Path(path)  # Local or a bucket (gs://...) alike.
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("wb") as f:
-    fig.savefig(f, dpi=80, format="png")
+    fig.savefig(f, dpi=dpi, format="png")
   plt.close(fig)
 
 
@@ -124,7 +129,4 @@ def plot_confusion(path: str, confusion: np.ndarray, class_names: list[str]) -> 
       if value >= 0.005:
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
                 color="white" if value > 0.5 else "black")
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _write_png(fig, path, dpi=100)
