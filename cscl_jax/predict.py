@@ -197,18 +197,26 @@ def predict_area(reader: products.TileReader, area: Window, config: ml_collectio
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
-  """The class names of the run's dataset if it is on disk, else class_0, class_1, ..."""
+  """The class names of the run's dataset if it is on disk, else class_0, class_1, ...
+
+  Never builds a dataset: a registered one (synthetic, T31TFM) must be prepared; any other
+  name is a dataset written by `cscl_jax.datagen`, read through `input_pipeline`.
+  """
   d, num_classes = config.dataset, config.model.num_classes
+  names = None
   try:
     builder = tfds.builder(f"{d.name}/{d.config}", data_dir=d.data_dir)
     if builder.is_prepared():
       names = list(builder.info.metadata["class_names"])
-      if len(names) == num_classes:
-        return names
   except tfds.core.registered.DatasetNotFoundError:
-    pass
-  logging.warning("Dataset %s/%s is not on disk: classes are named class_<i>.", d.name,
-                  d.config)
+    try:
+      names = list(input_pipeline.dataset_info(config).class_names)
+    except (ValueError, FileNotFoundError) as e:
+      logging.warning("%s", e)
+  if names is not None and len(names) == num_classes:
+    return names
+  logging.warning("Dataset %s/%s is not on disk (config.dataset.data_dir=%s): classes are "
+                  "named class_<i>.", d.name, d.config, d.data_dir)
   return [f"class_{i}" for i in range(num_classes)]
 
 
