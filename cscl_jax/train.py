@@ -306,7 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final evaluation metrics (also written to `<workdir>/metrics.json`).
 
   Raises:
-    preemption.Stopped: after a Ctrl-C / SIGTERM, once the checkpoint of the current step is saved.
+    preemption.Stopped: after a Ctrl-C / SIGTERM, once the current step's checkpoint is
+      saved.
   """
   _check_config(config)
   m = config.model

@@ -3,17 +3,24 @@
 The step test starts two processes with 2 CPU devices each, joined by
 `jax.distributed.initialize` (gloo collectives); they train on their halves of a fixed
 global batch and must reach the parameters that one device reaches on the whole batch.
-The loop's multi-process specifics (each process reads its own share of the data; only
-process 0 writes logs, plots and metrics.json) are checked in-process with a patched
-process index.
+The loop test runs `train.train_and_evaluate` in 2 such processes (checkpoints, evaluation
+on the padded eval split), kills a second run with SIGKILL after its first checkpoint,
+resumes it and compares its final parameters with the uninterrupted run's: equal to the
+last bit. (A 1-process run sees other batches by design: each process shuffles its own
+share of the split.) The loop's multi-process specifics (each process reads its own share
+of the data; only process 0 writes logs, plots and metrics.json) are also checked
+in-process with a patched process index.
 """
 
 import functools
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from flax import jax_utils
 import jax
@@ -219,3 +226,79 @@ def test_only_process_0_writes(data_dir, tmp_path, monkeypatch):
   assert writers == [True, False]  # process 1 only logs; process 0 writes TensorBoard
   with open(tmp_path / "metrics.json") as f:
     assert json.load(f)["step"] == 7
+
+
+# --- The whole loop in 2 processes: checkpoints, evaluation, a SIGKILL and a resume. ---
+
+_LOOP_CHILD = """
+import sys
+import jax
+port, process_id, workdir, data_dir, cache = sys.argv[1:6]
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_compilation_cache_dir", cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=int(process_id))
+import test_distributed
+from cscl_jax import train
+train.train_and_evaluate(test_distributed.loop_config(data_dir), workdir)
+"""
+LOOP_STEPS = 6
+
+
+def loop_config(data_dir: str):
+  """configs/test.py for 6 steps, a checkpoint every 2 and an eval at 3 and 6."""
+  config = _config("pretrain")
+  config.update(num_train_steps=LOOP_STEPS, checkpoint_every_steps=2, eval_every_steps=3,
+                log_every_steps=1, num_eval_batches=-1)
+  config.dataset.data_dir = data_dir
+  return config
+
+
+def _start_loop(workdir: str, data_dir: str, cache: str) -> list[subprocess.Popen]:
+  port = _free_port()
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+  return [subprocess.Popen([sys.executable, "-c", _LOOP_CHILD, str(port), str(i), workdir,
+                            data_dir, cache], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _finish(children: list[subprocess.Popen]) -> list[str]:
+  try:
+    logs = [child.communicate(timeout=300)[0] for child in children]
+  finally:
+    for child in children:
+      child.kill()
+  for i, child in enumerate(children):
+    assert child.returncode == 0, f"process {i}:\n{logs[i][-3000:]}"
+  return logs
+
+
+def _saved_params(workdir: str, step: int):
+  from cscl_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  manager = checkpoints.create_manager(workdir, keep=1, best_metric="loss", best_mode="min")
+  return jax.tree.leaves(manager.restore(step)["params"])
+
+
+def test_two_process_loop_resumes_after_sigkill_exactly(data_dir, tmp_path):
+  input_pipeline.dataset_info(loop_config(data_dir))  # built once, before any process
+  cache, straight, killed = (str(tmp_path / d) for d in ("cache", "straight", "killed"))
+  logs = _finish(_start_loop(straight, data_dir, cache))
+  assert "Eval at step 3" in logs[0] and "Eval at step 6" in logs[0]
+  assert "Eval at step" not in logs[1]  # only process 0 logs metrics
+  with open(os.path.join(straight, "metrics.json")) as f:
+    assert json.load(f)["step"] == LOOP_STEPS
+
+  children = _start_loop(killed, data_dir, cache)
+  first = os.path.join(killed, "checkpoints", "2")
+  while not os.path.isdir(first) and children[0].poll() is None:
+    time.sleep(0.05)
+  for child in children:  # the whole run dies at once, no chance to save
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+  logs = _finish(_start_loop(killed, data_dir, cache))
+  resumed_at = int(re.search(r"resuming at step (\d+)", logs[0]).group(1))
+  assert 2 <= resumed_at < LOOP_STEPS
+  for a, b in zip(_saved_params(straight, LOOP_STEPS), _saved_params(killed, LOOP_STEPS)):
+    np.testing.assert_array_equal(a, b)
