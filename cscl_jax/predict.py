@@ -56,6 +56,7 @@ from cscl_jax import tiling
 from cscl_jax import train
 from cscl_jax.datagen import products
 
+
 def area_window(tile: products.Tile, bounds: tuple[float, ...] | None = None,
                 bounds_crs: str | None = None) -> Window:
   """The tile's pixels to map: `bounds` snapped outwards to 60 m pixels, within the tile.
