@@ -21,7 +21,6 @@ from absl import logging
 from flax import jax_utils
 import jax
 import numpy as np
-import tensorflow as tf
 
 from cscl_jax import checkpoints
 from cscl_jax import console
@@ -94,10 +93,7 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  console.quiet_third_party_logs(logging.get_absl_handler())
-  tf.config.set_visible_devices([], "GPU")
+  console.start_tool(argv)
   f = flags.FLAGS
   evaluate_checkpoint(f.workdir, f.split, f.checkpoint, f.data_dir)
 

@@ -41,7 +41,6 @@ import numpy as np
 import rasterio
 import rasterio.warp
 from rasterio.windows import Window
-import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 
@@ -296,10 +295,7 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  console.quiet_third_party_logs(logging.get_absl_handler())
-  tf.config.set_visible_devices([], "GPU")
+  console.start_tool(argv)
   f = flags.FLAGS
   bounds = tuple(float(v) for v in f.bounds.split(",")) if f.bounds else None
   if bounds is not None and len(bounds) != 4:
