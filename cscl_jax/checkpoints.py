@@ -211,3 +211,58 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
     tmp = path.parent / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(written, indent=2))
     tmp.replace(path)
+
+
+def best_metric(stage: str) -> tuple[str, str]:
+  """(metric, "min" | "max") that ranks the checkpoints of a `stage` run."""
+  return ("loss", "min") if stage == "pretrain" else ("miou", "max")
+
+
+def find_step(workdir: str, which: str, stage: str) -> int:
+  """Resolves "best", "latest" or a step number to a saved step of `workdir`.
+
+  Args:
+    workdir: a training run's directory.
+    which: "best" (by the stage's validation metric), "latest", or a step number.
+    stage: config.model.stage of the run (chooses the ranking metric).
+
+  Raises:
+    FileNotFoundError: if the workdir holds no checkpoint, or not that step.
+  """
+  directory = _path(workdir) / CHECKPOINT_DIR
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{workdir} holds no '{CHECKPOINT_DIR}' directory: pass the "
+                            "--workdir of a training run.")
+  metric, mode = best_metric(stage)
+  options = ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m[metric],
+                                         best_mode=mode)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    steps = manager.all_steps()
+    step = {"best": manager.best_step, "latest": manager.latest_step}.get(which)
+    step = step() if step else (int(which) if which.isdigit() else which)
+  if step is None or step not in steps:
+    raise FileNotFoundError(
+        f"No checkpoint {which!r} in {directory} (steps {sorted(steps)}; 'best' needs one "
+        "saved with validation metrics): use --checkpoint=best, latest or one of the steps.")
+  return step
+
+
+def restore_step(workdir: str, step: int, target: Any) -> Any:
+  """Restores checkpoint `step` of `workdir` into the structure of `target`.
+
+  Args:
+    workdir: a training run's directory.
+    step: from `find_step`.
+    target: a state (or a tree of `jax.ShapeDtypeStruct`) with the saved structure.
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  with _reader(_path(workdir) / CHECKPOINT_DIR) as manager:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (`<workdir>/config.json`)."""
+  path = _path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: pass the --workdir of a training run.")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -3,15 +3,21 @@
 `quiet_third_party_logs` (called by `cscl_jax.main`) drops the INFO chatter of TFDS, orbax
 and JAX's accelerator probe and TFDS's repeated deprecation notice; `run_lines` and
 `final_lines` are the first lines of a run (what runs, on what, where) and its last ones
-(where everything went, the headline scores).
+(where everything went, the headline scores). `start_tool` is the common start of the
+other command-line tools.
 """
 
+from collections.abc import Sequence
 import logging
 import os
 from typing import Any
 
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
 import jax
 import ml_collections
+import tensorflow as tf
 
 # INFO (and lower) records of modules whose path holds one of these are dropped...
 _QUIET_INFO = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge.py")
@@ -85,3 +91,16 @@ def final_lines(workdir: str, manager: Any, step: int, scores: dict[str, float])
       f"{os.path.join(workdir, 'metrics.json')}; TensorBoard: "
       f"tensorboard --logdir={workdir}",
   ]
+
+
+def start_tool(argv: Sequence[str]) -> None:
+  """The start of a `python -m cscl_jax.<verb>` tool other than main (evaluate, predict).
+
+  Refuses stray arguments, drops the third-party log noise (unless --verbosity > 0) and
+  keeps TensorFlow, which only reads data, off the accelerators.
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if flags.FLAGS.verbosity <= 0:
+    quiet_third_party_logs(absl_logging.get_absl_handler())
+  tf.config.set_visible_devices([], "GPU")

@@ -328,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rng = jax.random.key(config.seed, impl="rbg")
   state = create_train_state(rng, config, model, learning_rate_fn)
 
-  best_metric, best_mode = ("loss", "min") if m.stage == "pretrain" else ("miou", "max")
+  best_metric, best_mode = checkpoints.best_metric(m.stage)
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints,
                                        best_metric=best_metric, best_mode=best_mode)
   checkpoints.check_config(workdir, config, manager.latest_step() is not None)
@@ -395,3 +395,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for line in console.final_lines(workdir, manager, num_steps, scores):
     logging.info(line)
   return scores
+
+
+def restore_state(workdir: str, config: ml_collections.ConfigDict,
+                  checkpoint: str) -> tuple[TrainState, int]:
+  """Restores checkpoint "best" | "latest" | "<step>" of the run in `workdir`.
+
+  Args:
+    workdir: a training run's directory.
+    config: the run's config (`checkpoints.load_config(workdir)`).
+    checkpoint: "best" (by the run's validation metric), "latest" or a step number.
+
+  Returns:
+    (state with numpy leaves, its step).
+  """
+  model = models.create_model(config.model, dtype=jnp.dtype(config.dtype), axis_name=AXIS)
+  abstract = jax.eval_shape(lambda: create_train_state(
+      jax.random.key(0, impl="rbg"), config, model, learning_rate_schedule(config, 1)))
+  step = checkpoints.find_step(workdir, checkpoint, config.model.stage)
+  return checkpoints.restore_step(workdir, step, abstract), step
