@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dilation = 1
   config.model.groups = 1
   config.model.norm_emb = True
+  # Super-resolution (unet3df, SPEC.md §5): 2 or 4 maps 10 m inputs to 5 m / 2.5 m outputs,
+  # trained on the dataset's labels_x2 / labels_x4 (real fine ground truths).
+  config.model.output_magnification = 1
 
   # The data; shapes are the model's (a mismatch with the data is an error at start-up).
   config.dataset = ml_collections.ConfigDict()
