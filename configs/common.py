@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.max_seq_len = config.model.get_ref("max_seq_len")
   config.dataset.num_channels = config.model.get_ref("num_channels")
   config.dataset.num_classes = config.model.get_ref("num_classes")
+  config.dataset.label_magnification = config.model.get_ref("output_magnification")
   # Which max_seq_len dates to keep: "first" (the reference's cut, used for T31TFM) or
   # "even" (spread over the season; the synthetic dates span a whole year).
   config.dataset.time_sampling = "even"
