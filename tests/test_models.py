@@ -56,39 +56,6 @@ def count(tree):
 # --- Layers against slow numpy references -------------------------------------------
 
 
-def torch_conv_transpose(x, weight, *, stride, padding, output_padding):
-  """PyTorch ConvTranspose semantics by scattering: x [N, *S, Cin], weight [Cin, Cout, *K]."""
-  spatial, kernel = x.shape[1:-1], weight.shape[2:]
-  full = np.zeros((x.shape[0], *[(s - 1) * stride + k + output_padding
-                                 for s, k in zip(spatial, kernel)], weight.shape[1]))
-  for i in np.ndindex(*spatial):
-    for a in np.ndindex(*kernel):
-      at = tuple(stride * ii + aa for ii, aa in zip(i, a))
-      full[(slice(None), *at)] += x[(slice(None), *i)] @ weight[(slice(None), slice(None), *a)]
-  sizes = [(s - 1) * stride - 2 * padding + k + output_padding
-           for s, k in zip(spatial, kernel)]
-  return full[(slice(None), *[slice(padding, padding + n) for n in sizes])]
-
-
-@pytest.mark.parametrize("ndim, kernel, padding, output_padding, size",
-                         [(3, 3, 1, 1, (2, 3, 4)), (2, 2, 0, 0, (3, 5)), (1, 3, 1, 1, (5,))])
-def test_conv_transpose_is_pytorch_conv_transpose(ndim, kernel, padding, output_padding,
-                                                  size):
-  layer = layers.conv_transpose_x2(3, kernel, ndim, padding=padding,
-                                   output_padding=output_padding, dtype=jnp.float32)
-  x = np.random.default_rng(0).normal(size=(2, *size, 4)).astype(np.float32)
-  params = layer.init(key(0), x)
-  out = np.asarray(layer.apply(params, x))
-  # Flax kernel [k..., out, in] -> PyTorch weight [in, out, k...].
-  k = np.asarray(params["params"]["kernel"])
-  weight = k.transpose(ndim + 1, ndim, *range(ndim))
-  ref = torch_conv_transpose(x, weight, stride=2, padding=padding,
-                             output_padding=output_padding)
-  ref += np.asarray(params["params"]["bias"])
-  assert out.shape == (2, *[2 * s for s in size], 3)
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-
-
 def np_conv3x3(x, kernel, bias):
   """'same' 3x3 conv: x [N, H, W, C], kernel [3, 3, C, O]."""
   h, w = x.shape[1:3]

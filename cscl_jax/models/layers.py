@@ -12,7 +12,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 BN_MOMENTUM = 0.9  # Flax keeps `momentum` of the old value: PyTorch momentum 0.1.
 NORM_EPSILON = 1e-5  # PyTorch default for BatchNorm and GroupNorm.
@@ -36,22 +38,195 @@ def batch_norm(*, train: bool, axis_name: str | None, dtype: Any,
       axis_name=axis_name, dtype=dtype, name=name, **kwargs)
 
 
+def cpu_formulations() -> bool:
+  """Whether convolutions take the CPU formulations below (decided when tracing).
+
+  XLA:CPU runs 2D convolutions and matmuls at full speed (oneDNN/Eigen GEMMs) but
+  3D and transposed convolutions on a slow generic path (jax-ml/jax#31662): there,
+  a 3D convolution becomes a 2D one and a stride-2 transposed convolution its
+  polyphase form. cuDNN and the TPU compiler handle both natively, so every other
+  backend keeps the plain ops. The choice follows `jax.default_backend()`.
+  """
+  return jax.default_backend() == "cpu"
+
+
+def conv3d_as_conv2d(x: jax.Array, kernel: jax.Array,
+                     padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """Stride-1 3D convolution as one 2D convolution over (H, W).
+
+  The kt temporal neighbours of every frame are stacked on the channel axis, so the
+  kernel [kt, kh, kw, C, O] becomes [kh, kw, kt*C, O]: the same sums in another
+  order (float32 round-off apart).
+
+  Args:
+    x: [B, T, H, W, C].
+    kernel: [kt, kh, kw, C, O].
+    padding: zero padding ((low, high) for T, H and W).
+
+  Returns:
+    [B, T', H', W', O] as lax.conv_general_dilated with these paddings.
+  """
+  kt, kh, kw, c, o = kernel.shape
+  x = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
+  b, t = x.shape[0], x.shape[1] - kt + 1
+  # [B, T', H, W, kt*C]: frame t carries frames t .. t+kt-1 of the padded series.
+  x = jnp.concatenate([x[:, i:i + t] for i in range(kt)], axis=-1)
+  y = lax.conv_general_dilated(
+      x.reshape(b * t, *x.shape[2:]),
+      jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, o),
+      (1, 1), tuple(padding[1:]), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.reshape(b, t, *y.shape[1:])  # [B, T', H', W', O]
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: Any, **kwargs) -> jax.Array:
+  """lax.conv_general_dilated, with `conv3d_as_conv2d` for 3D convolutions on CPU.
+
+  The `conv_general_dilated` hook of nn.Conv: parameters, initialisation and dtype
+  handling stay nn.Conv's. Only stride-1, undilated, ungrouped channels-last 3D
+  convolutions with explicit padding change formulation.
+  """
+  if lhs.ndim == 5 and cpu_formulations() and _is_plain_3d(lhs, rhs, window_strides,
+                                                          padding, **kwargs):
+    return conv3d_as_conv2d(lhs, rhs, padding)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def _is_plain_3d(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                 *, dimension_numbers: Any = None, feature_group_count: int = 1,
+                 **dilations_and_precision) -> bool:
+  """A stride-1, undilated, ungrouped channels-last 3D conv with explicit padding."""
+  channels_last = lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                             ("NDHWC", "DHWIO", "NDHWC"))
+  dilations = [dilations_and_precision.get(k) for k in ("lhs_dilation", "rhs_dilation")]
+  return (not isinstance(padding, str) and set(window_strides) == {1}
+          and all(d is None or set(d) == {1} for d in dilations)
+          and feature_group_count == 1 and dimension_numbers == channels_last)
+
+
+def _phase_taps(kernel_size: int, padding: int) -> tuple[int, np.ndarray]:
+  """One axis of a stride-2 transposed convolution split by output parity.
+
+  PyTorch's transposed convolution adds x[j] w[k] into output o = 2j - padding + k.
+  Output o = 2i + r (parity r) therefore reads x[i + d] w[k] with
+  k = r + padding - 2d, for the offsets d where 0 <= k < kernel_size.
+
+  Returns:
+    (first offset d0, taps [D, 2, kernel_size]): taps[d - d0, r, k] = 1 where
+    output parity r reads tap k at input offset d.
+  """
+  pairs = [(r, k, (r + padding - k) // 2) for r in (0, 1) for k in range(kernel_size)
+           if (r + padding - k) % 2 == 0]
+  d0 = min(d for *_, d in pairs)
+  taps = np.zeros((max(d for *_, d in pairs) - d0 + 1, 2, kernel_size), np.float32)
+  for r, k, d in pairs:
+    taps[d - d0, r, k] = 1.0
+  return d0, taps
+
+
+def conv_transpose_x2_polyphase(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  """PyTorch ConvTranspose(stride 2) whose output is exactly 2x the input, as 2^d phases.
+
+  Every output parity (r_1..r_d) is an ordinary convolution of the undilated input
+  with the taps of the kernel that land on it; all phases come out of one convolution
+  (a matmul for kernel 2), then interleave (depth-to-space). This skips the
+  multiplications by the zeros a dilated input would hold.
+
+  Args:
+    x: [N, *S, C] with d = len(S) spatial axes.
+    kernel: the Flax transpose_kernel layout [*K, O, C] (PyTorch's weight [C, O, *K]).
+    padding: PyTorch's padding; output_padding must make the output 2S.
+
+  Returns:
+    [N, *2S, O].
+  """
+  ndim, o, c = x.ndim - 2, kernel.shape[-2], kernel.shape[-1]
+  d0, taps = _phase_taps(kernel.shape[0], padding)
+  offsets, taps_k = "pqr"[:ndim], "klm"[:ndim]
+  # [D, 2, K] per axis and [*K, O, C] -> [*D, C, *2, O]: the phase kernels side by side.
+  phases = jnp.einsum(
+      ",".join(f"{d}{d.upper()}{k}" for d, k in zip(offsets, taps_k))
+      + f",{taps_k}oi->{offsets}i{offsets.upper()}o",
+      *([jnp.asarray(taps, kernel.dtype)] * ndim), kernel)
+  num_d = taps.shape[0]
+  phases = phases.reshape(*phases.shape[:ndim], c, 2 ** ndim * o)
+  pads = [(-d0, d0 + num_d - 1)] * ndim
+  if ndim == 3 and cpu_formulations():
+    y = conv3d_as_conv2d(x, phases, pads)
+  else:
+    spec = "NDHWC"[:1] + "DHW"[3 - ndim:] + "C"
+    y = lax.conv_general_dilated(
+        x, phases, (1,) * ndim, pads,
+        dimension_numbers=(spec, spec[1:-1] + "IO", spec))
+  spatial = x.shape[1:-1]
+  y = y.reshape(x.shape[0], *spatial, *(2,) * ndim, o)  # [N, *S, *2, O]
+  order = [0] + [i for a in range(ndim) for i in (1 + a, 1 + ndim + a)] + [2 * ndim + 1]
+  return jnp.transpose(y, order).reshape(x.shape[0], *(2 * s for s in spatial), o)
+
+
+class ConvTransposeX2(nn.Module):
+  """PyTorch ConvTranspose{d}d(kernel, stride=2, padding, output_padding) on [N, *S, C].
+
+  Parameters as nn.ConvTranspose(transpose_kernel=True): "kernel" [*K, O, C] (PyTorch's
+  weight [C, O, *K] transposed) and "bias" [O]. PyTorch's output size is
+  2 (n - 1) - 2 padding + kernel + output_padding; where that is 2n (the U-Nets' up
+  convolutions) CPU runs `conv_transpose_x2_polyphase`; otherwise, and on other
+  backends, lax.conv_transpose: the 2x-dilated input padded by
+  (kernel - 1 - padding, kernel - 1 - padding + output_padding) per side, convolved
+  with the flipped kernel.
+
+  Attributes:
+    features: output channels O.
+    kernel_size: K, the same on every axis.
+    ndim: number of spatial axes d.
+    padding: PyTorch's padding.
+    output_padding: PyTorch's output_padding.
+    kernel_init: initialiser of the kernel; the bias starts at zero.
+    dtype: computation dtype; parameters stay float32.
+  """
+  features: int
+  kernel_size: int
+  ndim: int
+  padding: int
+  output_padding: int
+  kernel_init: Any = TORCH_DEFAULT_INIT
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Maps [N, *S, C] to [N, *S', features]."""
+    ndim, k = self.ndim, self.kernel_size
+    if x.ndim != ndim + 2:
+      raise ValueError(f"ConvTranspose{ndim}d expects [N, {ndim} spatial axes, C]; got "
+                       f"shape {x.shape}.")
+    kernel = self.param("kernel", self.kernel_init,
+                        (k,) * ndim + (self.features, x.shape[-1]), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if cpu_formulations() and k - 2 * self.padding + self.output_padding == 2:
+      y = conv_transpose_x2_polyphase(x, kernel, self.padding)
+    else:
+      low = k - 1 - self.padding
+      y = lax.conv_transpose(x, kernel, (2,) * ndim,
+                             ((low, low + self.output_padding),) * ndim,
+                             transpose_kernel=True)
+    return y + bias
+
+
 def conv_transpose_x2(features: int, kernel_size: int, ndim: int, *, padding: int,
                       output_padding: int, dtype: Any, kernel_init: Any = TORCH_DEFAULT_INIT,
-                      name: str | None = None) -> nn.ConvTranspose:
-  """PyTorch ConvTranspose{ndim}d(kernel, stride=2, padding, output_padding).
+                      name: str | None = None) -> ConvTransposeX2:
+  """PyTorch ConvTranspose{ndim}d(kernel, stride=2, padding, output_padding)."""
+  return ConvTransposeX2(features, kernel_size, ndim, padding, output_padding,
+                         kernel_init=kernel_init, dtype=dtype, name=name)
 
-  PyTorch's output size is 2 (n - 1) - 2 padding + kernel + output_padding; the
-  same map is a convolution of the 2x-dilated input padded by
-  (kernel - 1 - padding, kernel - 1 - padding + output_padding) per side with
-  the spatially flipped kernel, which is what `transpose_kernel=True` does. The
-  Flax kernel [k..., out, in] is PyTorch's weight [in, out, k...] transposed.
-  """
-  low = kernel_size - 1 - padding
-  return nn.ConvTranspose(
-      features, (kernel_size,) * ndim, strides=(2,) * ndim,
-      padding=((low, low + output_padding),) * ndim, transpose_kernel=True,
-      kernel_init=kernel_init, dtype=dtype, name=name)
+
+def conv(features: int, kernel_size: Sequence[int], *, kernel_init: Any, dtype: Any,
+         name: str | None = None) -> nn.Conv:
+  """PyTorch Conv{d}d(kernel, padding=kernel // 2): nn.Conv with the CPU formulation hook."""
+  return nn.Conv(features, tuple(kernel_size), padding=[(k // 2, k // 2) for k in kernel_size],
+                 kernel_init=kernel_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv_general_dilated)
 
 
 def max_pool_x2(x: jax.Array) -> jax.Array:
@@ -83,8 +258,8 @@ class ConvBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     kernel = (3,) * (x.ndim - 2)
     for i, features in enumerate(self.features):
-      x = nn.Conv(features, kernel, padding=1, kernel_init=self.kernel_init,
-                  dtype=self.dtype, name=f"conv{i}")(x)
+      x = conv(features, kernel, kernel_init=self.kernel_init, dtype=self.dtype,
+               name=f"conv{i}")(x)
       if self.norm == "batch":
         x = batch_norm(train=train, axis_name=self.axis_name, dtype=self.dtype,
                        name=f"norm{i}")(x)

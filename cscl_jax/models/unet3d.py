@@ -72,8 +72,8 @@ class UNet3D(nn.Module):
     up3 = nn.leaky_relu(up3, layers.LEAKY_SLOPE)
     dc3 = block([m * f for m in self.dc3_features], "dc3")(
         jnp.concatenate([up3, en3], -1), train=train)
-    out = nn.Conv(self.out_features, (3, 3, 3), padding=1, dtype=self.dtype,
-                  kernel_init=layers.TORCH_DEFAULT_INIT, name="final")(dc3)
+    out = layers.conv(self.out_features, (3, 3, 3), dtype=self.dtype,
+                      kernel_init=layers.TORCH_DEFAULT_INIT, name="final")(dc3)
     out = nn.Dropout(self.dropout_rate)(out, deterministic=not train)
     out = jnp.moveaxis(out, 1, -1)  # [B, H, W, out_features, T]
     out = nn.Dense(1, dtype=self.dtype, kernel_init=layers.TORCH_DEFAULT_INIT,
