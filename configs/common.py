@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dilation = 1
   config.model.groups = 1
   config.model.norm_emb = True
+  # Super-resolution (unet3df, SPEC.md §5): 2 or 4 maps 10 m inputs to 5 m / 2.5 m outputs,
+  # trained on the dataset's labels_x2 / labels_x4 (real fine ground truths).
+  config.model.output_magnification = 1
   # BiConvGRU (SPEC.md §2; names of the original's MODEL keys): the shared (1,3,3) Conv3d's
   # width and each direction's hidden channels; its embedding has 2 * rnn_hidden_dim.
   config.model.conv3d_dim = 64
@@ -58,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.max_seq_len = config.model.get_ref("max_seq_len")
   config.dataset.num_channels = config.model.get_ref("num_channels")
   config.dataset.num_classes = config.model.get_ref("num_classes")
+  config.dataset.label_magnification = config.model.get_ref("output_magnification")
   # Which max_seq_len dates to keep: "first" (the reference's cut, used for T31TFM) or
   # "even" (evenly spaced by index, first and last kept: by acquisition, not by day of year).
   config.dataset.time_sampling = "even"

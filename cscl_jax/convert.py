@@ -9,7 +9,8 @@
 `state_dict()` (parameter AND buffer names exactly as PyTorch names them, values as
 numpy arrays) and returns the `config.model` that builds the same network here
 (`models.create_model`) with its variables {"params", "batch_stats"}. Sizes are read off
-the arrays' shapes; what shapes cannot tell (the CSCL window's stride and dilation,
+the arrays' shapes (UNET3Df's output_magnification from its conv_out_x2 / conv_out_x4
+up-blocks); what shapes cannot tell (the CSCL window's stride and dilation,
 attention groups, norm_emb, image size, and the classes of a UNET3Df pre-training
 checkpoint, which has no classifier) are keyword arguments. Every entry is used once or
 dropped on purpose (BatchNorm `num_batches_tracked`; the classifier UNET2D-CLSTM builds
@@ -144,6 +145,13 @@ def _unet2d_convlstm_entries(time_steps: int) -> list:
   return entries
 
 
+def _up_block_entries(magnification: int) -> list:
+  """UNet3D_CSCL's conv_out_x2 / conv_out_x4 (ConvTranspose2d, BatchNorm2d, LeakyReLU)."""
+  return [entry for m in (2, 4)[:magnification // 2]
+          for entry in (_conv(("encoder", f"conv_out_x{m}", "up"), f"conv_out_x{m}.0")
+                        + _norm(("encoder", f"conv_out_x{m}", "norm"), f"conv_out_x{m}.1"))]
+
+
 def _entries(architecture: str, pretrain: bool, model_config: ml_collections.ConfigDict
              ) -> list:
   """(our leaf path or None to drop, PyTorch key(s), kind) for every state dict entry."""
@@ -162,7 +170,8 @@ def _entries(architecture: str, pretrain: bool, model_config: ml_collections.Con
     if not pretrain:  # nn.Linear(E, K) on [B, H, W, E]: segmenter.Classifier's 1x1 conv
       head = [((*h, "conv", "kernel"), "linear_out.weight", "linear_as_conv1x1"),
               ((*h, "conv", "bias"), "linear_out.bias", "copy")]
-    return _unet3d_entries("backbone.") + head
+    magnification = model_config.get("output_magnification", 1)
+    return _unet3d_entries("backbone.") + _up_block_entries(magnification) + head
   classifier = _conv(("head", "conv"), "main_finalconv")  # the Classifier's 3x3 conv
   if pretrain:  # FCN_CRNN builds its classifier in every stage; stage 0 never uses it.
     classifier = [(None, key, kind) for _, key, kind in classifier]
@@ -210,6 +219,9 @@ def _infer_sizes(arrays: Mapping[str, np.ndarray], architecture: str,
       sizes["num_classes"] = dim("final.weight", 0, "the classes")
     else:
       sizes["emb_channels"] = dim(p + "final.weight", 0, "the embedding size")
+      # The up-blocks the original builds for output_magnification 2 (one) or 4 (two).
+      sizes["output_magnification"] = max(
+          [m for m in (2, 4) if f"conv_out_x{m}.0.weight" in arrays], default=1)
       if not pretrain:
         sizes["num_classes"] = dim("linear_out.weight", 0, "the classes")
   if pretrain:

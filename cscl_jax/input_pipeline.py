@@ -9,8 +9,11 @@ pre-processing (SPEC.md §4):
                                  "first": the first T, as the reference; "even": T evenly spaced
                                  by index, first and last kept) or zero-padded;
                                  S = img_res, a random crop for training, the centre for eval.
-  labels  int32   [S, S]         class index, num_classes = unknown.
-  valid   bool    [S, S]         labels != num_classes.
+  labels  int32   [mS, mS]       class index, num_classes = unknown; m =
+                                 config.dataset.label_magnification (= model.output_magnification):
+                                 the dataset's `labels_x{m}` for m > 1, cropped at m times the
+                                 input's offsets and flipped with it.
+  valid   bool    [mS, mS]       labels != num_classes.
 
 Training also flips at random horizontally and vertically. Batches are [D, b, ...] with
 D = jax.local_device_count() and b = batch_size / process_count / D; each process reads its own
@@ -154,9 +157,22 @@ def _info_and_check(config, builder) -> SitsInfo:
   """Reads the dataset's info; raises one error listing every config field that misfits."""
   d = config.dataset
   first = next(iter(builder.info.splits))
+  m = d.label_magnification
+  if m not in (1, 2, 4) or features.label_key(m) not in builder.info.features:
+    fine = sorted(k for k in builder.info.features.keys() if k.startswith("labels_x"))
+    raise ValueError(
+        f"config.model.output_magnification={m} needs the labels {features.label_key(m)!r} "
+        f"rasterised at {10 / m:g} m, which {d.name}/{d.config} does not have (its finer "
+        f"labels: {fine or 'none'}). Use 1, or a dataset with them: sits_synthetic (x2, x4), "
+        "t31tfm_1618 with --config.dataset.config=x4 (x4).")
   # No auto-cache: reading one example of a cached dataset makes tf.data warn.
   one = builder.as_dataset(split=first, read_config=tfds.ReadConfig(try_autocache=False))
-  labels = next(iter(one.take(1)))["labels"]
+  example = next(iter(one.take(1)))
+  labels = example["labels"]
+  if example[features.label_key(m)].shape != (m * labels.shape[0], m * labels.shape[1]):
+    raise ValueError(f"{d.name}/{d.config}: {features.label_key(m)} has shape "
+                     f"{example[features.label_key(m)].shape}, not {m}x the labels' "
+                     f"{tuple(labels.shape)}; rebuild the dataset.")
   info = SitsInfo(
       num_classes=len(builder.info.metadata["class_names"]),
       class_names=tuple(builder.info.metadata["class_names"]),
@@ -227,14 +243,16 @@ def preprocess(example: dict[str, tf.Tensor], config: ml_collections.ConfigDict,
   """Turns one stored example into {"inputs", "labels", "valid"} (see the module docstring).
 
   Args:
-    example: "image" uint16 [T, H, W, C], "doy" int32 [T], "labels" int32 [H, W].
+    example: "image" uint16 [T, H, W, C], "doy" int32 [T], "labels" int32 [H, W] (and
+      "labels_x{m}" [m H, m W] for a label magnification m > 1).
     config: uses config.dataset.{img_res, max_seq_len, time_sampling, num_classes,
-      num_channels} (num_channels = C + 1, checked by `dataset_info`).
+      num_channels, label_magnification} (num_channels = C + 1, checked by `dataset_info`).
     seed: int64 [2] stateless seed: random crop and flips (training); None: centre crop.
   """
   size, max_len = config.dataset.img_res, config.dataset.max_seq_len
-  labels = example["labels"]
-  height, width = tf.unstack(tf.shape(labels))
+  m = config.dataset.label_magnification
+  labels = example[features.label_key(m)]  # [m H, m W]
+  height, width = tf.unstack(tf.shape(example["labels"]))
   tf.debugging.assert_greater_equal(tf.minimum(height, width), size, message=(
       f"an image is smaller than config.model.img_res={size}"))
   if seed is None:
@@ -246,7 +264,7 @@ def preprocess(example: dict[str, tf.Tensor], config: ml_collections.ConfigDict,
   dates = _time_indices(tf.shape(example["doy"])[0], max_len, config.dataset.time_sampling)
   image = tf.gather(example["image"][:, top:top + size, left:left + size], dates)  # [t, S, S, C]
   doy = tf.cast(tf.gather(example["doy"], dates), tf.float32) / features.DOY_SCALE  # [t]
-  labels = labels[top:top + size, left:left + size]
+  labels = labels[m * top:m * (top + size), m * left:m * (left + size)]  # [m S, m S]
   doy = tf.broadcast_to(doy[:, None, None, None], [tf.shape(doy)[0], size, size, 1])
   inputs = tf.concat([tf.cast(image, tf.float32) * features.REFLECTANCE_SCALE, doy], -1)
   inputs = tf.pad(inputs, [[0, max_len - tf.shape(inputs)[0]], [0, 0], [0, 0], [0, 0]])
@@ -255,7 +273,7 @@ def preprocess(example: dict[str, tf.Tensor], config: ml_collections.ConfigDict,
     inputs, labels = _maybe_flip(inputs, flips[0], 2), _maybe_flip(labels, flips[0], 1)
     inputs, labels = _maybe_flip(inputs, flips[1], 1), _maybe_flip(labels, flips[1], 0)
   inputs = tf.ensure_shape(inputs, [max_len, size, size, config.dataset.num_channels])
-  labels = tf.ensure_shape(tf.cast(labels, tf.int32), [size, size])
+  labels = tf.ensure_shape(tf.cast(labels, tf.int32), [m * size, m * size])
   return {"inputs": inputs, "labels": labels, "valid": labels != config.dataset.num_classes}
 
 
@@ -303,9 +321,9 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
       the dataset again (None: open and check it).
 
   Returns:
-    Batches {"inputs": float32 [D, b, T, S, S, C+1], "labels": int32 [D, b, S, S],
-    "valid": bool [D, b, S, S]}; eval batches also hold "example_mask": bool [D, b], False
-    for padding.
+    Batches {"inputs": float32 [D, b, T, S, S, C+1], "labels": int32 [D, b, mS, mS],
+    "valid": bool [D, b, mS, mS]} (m = config.dataset.label_magnification); eval batches
+    also hold "example_mask": bool [D, b], False for padding.
 
   Raises:
     ValueError: where the config does not fit the data, or the training split holds no

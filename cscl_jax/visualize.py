@@ -1,7 +1,8 @@
 """PNG figures of a few validation samples, written at every evaluation.
 
 One row per sample: an RGB composite (the channels of B04, B03, B02 of a mid-season date,
-2-98 percentile stretch), the labels, and then either the prediction and its errors
+2-98 percentile stretch), the labels (at their own resolution: 4x finer than the RGB for x4
+super-resolution, the titles give the sizes), and then either the prediction and its errors
 (fine-tuning / supervised) or the mean similarity of every pixel to its window neighbours
 (pre-training: low values should trace parcel boundaries).
 """
@@ -36,6 +37,11 @@ def class_colors(num_classes: int) -> np.ndarray:
 def _label_colors(num_classes: int) -> colors.ListedColormap:
   """tab20 colours for the classes, black for unknown (index num_classes)."""
   return colors.ListedColormap(np.concatenate([class_colors(num_classes), [[0, 0, 0, 1]]]))
+
+
+def _grid(title: str, image: np.ndarray) -> str:
+  """The panel title with the map's size: super-resolution maps are finer than the RGB."""
+  return f"{title} {image.shape[0]}x{image.shape[1]}"
 
 
 def _save(path: str | epath.Path, panels: list[list[tuple[str, np.ndarray, dict]]]) -> None:
@@ -81,8 +87,8 @@ def plot_segmentation(path: str, inputs: np.ndarray, labels: np.ndarray,
   panels = []
   for x, y, p in zip(inputs, labels, preds):
     errors = np.where(y == num_classes, 2, (p != y).astype(int))  # 0 ok, 1 wrong, 2 unknown
-    panels.append([("RGB", rgb_composite(x, rgb), {}), ("labels", y, label_style),
-                   ("prediction", p, label_style),
+    panels.append([("RGB", rgb_composite(x, rgb), {}), (_grid("labels", y), y, label_style),
+                   (_grid("prediction", p), p, label_style),
                    ("errors (red)", errors, error_style)])
   _save(path, panels)
 
@@ -102,7 +108,7 @@ def plot_similarity(path: str, inputs: np.ndarray, labels: np.ndarray, sim: np.n
   label_style = {"cmap": _label_colors(num_classes), "vmin": 0, "vmax": num_classes}
   k = sim.shape[-1]
   neighbours = np.delete(sim.reshape(sim.shape[:3] + (k * k,)), k * k // 2, axis=-1)
-  panels = [[("RGB", rgb_composite(x, rgb), {}), ("labels", y, label_style),
+  panels = [[("RGB", rgb_composite(x, rgb), {}), (_grid("labels", y), y, label_style),
              ("mean sim. to neighbours", s, {"cmap": "viridis"})]
             for x, y, s in zip(inputs, labels, neighbours.mean(axis=-1))]
   _save(path, panels)

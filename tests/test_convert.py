@@ -172,6 +172,10 @@ SMALL = {  # (architecture, stage) -> (torch module, input [B, T, H, W, C])
     ("UNET3Df", "finetune"): (lambda: tr.UNet3DCSCL(2, 3, 4, num_features=2, num_classes=5),
                               (2, 4, 8, 8, 3)),
     ("UNET3D", "supervised"): (lambda: tr.UNet3D(3, 5, 4, num_features=2), (2, 4, 8, 8, 3)),
+    **{("UNET3Df", stage, m): (lambda s=s, m=m: tr.UNet3DCSCL(
+        s, 3, 4, num_features=2, num_classes=5, attn_channels=8, output_magnification=m),
+                               (2, 4, 8, 8, 3))
+       for stage, s in (("pretrain", 0), ("finetune", 2)) for m in (2, 4)},
     ("UNET2D-CLSTM", "pretrain"): (lambda: tr.FCNCRNN(0, 3, 3, 5, num_features=4, hidden=16,
                                                       attn_channels=8), (2, 3, 8, 8, 3)),
     ("UNET2D-CLSTM", "finetune"): (lambda: tr.FCNCRNN(2, 3, 3, 5, num_features=4, hidden=16),
@@ -183,9 +187,14 @@ def state_dict(module):
   return {k: v.numpy() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("architecture, stage", list(SMALL))
-def test_converted_network_computes_the_torch_network(architecture, stage):
-  make, shape = SMALL[architecture, stage]
+def _case_id(case):
+  return "-".join(map(str, case))
+
+
+@pytest.mark.parametrize("case", list(SMALL), ids=_case_id)
+def test_converted_network_computes_the_torch_network(case):
+  """case: (architecture, stage) or (architecture, stage, output magnification)."""
+  (architecture, stage, *magnification), (make, shape) = case, SMALL[case]
   net = make()
   x = normal(*shape, seed=2)
   want = torch_eval(net, x)
@@ -193,6 +202,7 @@ def test_converted_network_computes_the_torch_network(architecture, stage):
     want = channels_last(want)  # logits [B, K, H, W] -> [B, H, W, K]
   model_config, variables = convert.from_deepsat(state_dict(net), architecture, stage,
                                                  img_res=shape[2])
+  assert model_config.output_magnification == (magnification or [1])[0]
   assert_close(models.predict(model_config, variables, x), want)
 
 
@@ -204,6 +214,12 @@ FULL = {
         attn_channels=128, kernel_size=3), 7_217_361 + 33_152),
     ("UNET3Df", "finetune"): (lambda: tr.UNet3DCSCL(2, 14, 16, num_classes=20), dict(
         num_channels=14, max_seq_len=16, num_features=16, num_classes=20), 7_219_941),
+    # Super-resolution (SPEC.md §5): 147,840 parameters per up-block.
+    ("UNET3Df", "pretrain", 2): (lambda: tr.UNet3DCSCL(0, 14, 16, output_magnification=2),
+                                 dict(output_magnification=2, attn_channels=128), 7_398_353),
+    ("UNET3Df", "finetune", 4): (lambda: tr.UNet3DCSCL(2, 14, 16, num_classes=20,
+                                                       output_magnification=4),
+                                 dict(output_magnification=4, num_classes=20), 7_515_621),
     ("UNET3D", "supervised"): (lambda: tr.UNet3D(14, 20, 16), dict(
         num_channels=14, max_seq_len=16, num_features=16, num_classes=20), 6_183_429),
     ("UNET2D-CLSTM", "finetune"): (lambda: tr.FCNCRNN(2, 15, 16), dict(
@@ -216,9 +232,9 @@ FULL = {
 UNUSED_CLASSIFIER = 128 * 18 * 9 + 18  # UNET2D-CLSTM's stage-0 main_finalconv, dropped
 
 
-@pytest.mark.parametrize("architecture, stage", list(FULL))
-def test_reference_configurations_convert_with_every_entry(architecture, stage):
-  make, sizes, reference_count = FULL[architecture, stage]
+@pytest.mark.parametrize("case", list(FULL), ids=_case_id)
+def test_reference_configurations_convert_with_every_entry(case):
+  (architecture, stage, *_), (make, sizes, reference_count) = case, FULL[case]
   net = make()
   assert sum(p.numel() for p in net.parameters()) == reference_count  # the original's
   model_config, variables = convert.from_deepsat(state_dict(net), architecture, stage)

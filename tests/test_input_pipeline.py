@@ -61,6 +61,12 @@ def _reference(example, size, max_len, top, left, sampling="first"):
   return inputs, example["labels"][top:top + size, left:left + size]
 
 
+def _flipped(x, y, flip_h, flip_v):
+  """Flips inputs [T, H, W, C] and labels [H', W'] together."""
+  x, y = (x[:, :, ::-1], y[:, ::-1]) if flip_h else (x, y)
+  return (x[:, ::-1], y[::-1]) if flip_v else (x, y)
+
+
 def _examples(batches):
   """Flattens [D, b, ...] batches to a list of examples."""
   for batch in batches:
@@ -103,12 +109,10 @@ def test_train_examples_are_crops_and_flips_of_stored_ones(data_dir, raw):
     matches = []
     for top, left in itertools.product(range(9), repeat=2):
       inputs, labels = _reference(example, 16, 40, top, left)
-      for flip_h, flip_v in itertools.product([False, True], repeat=2):
-        x, y = inputs, labels
-        x, y = (x[:, :, ::-1], y[:, ::-1]) if flip_h else (x, y)
-        x, y = (x[:, ::-1], y[::-1]) if flip_v else (x, y)
+      for flips in itertools.product([False, True], repeat=2):
+        x, y = _flipped(inputs, labels, *flips)
         if np.array_equal(got["labels"], y) and np.allclose(got["inputs"], x, atol=1e-7):
-          matches.append((top, left, flip_h, flip_v))
+          matches.append((top, left) + flips)
     assert matches, "a training example is no crop and flip of its stored example"
     found.update((index,) + m for m in matches)
   assert len({f[0] for f in found}) == 24  # one epoch: every example once
@@ -226,6 +230,13 @@ def test_t31tfm_1618_from_a_manual_folder(tmp_path):
     np.testing.assert_allclose(got["inputs"], inputs, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(got["valid"], labels != 20)
     assert (labels == 20).any() and (labels < 20).any()
+  config.model.output_magnification = 4
+  with pytest.raises(ValueError, match="needs the labels 'labels_x4' rasterised at 2.5 m, "
+                                       "which t31tfm_1618/default does not have"):
+    input_pipeline.dataset_info(config)
+  config.dataset.config = "x4"  # only the files with x4 ground truths: every other one
+  assert input_pipeline.dataset_info(config).num_examples == {"train": 4, "validation": 4}
+
 
 
 @pytest.mark.parametrize("name, builder_config, num_bands, num_classes", [
@@ -256,3 +267,33 @@ def test_the_inputs_follow_the_band_set_of_the_dataset(tmp_path, name, builder_c
   with pytest.raises(ValueError, match=f"num_channels=12, but the inputs have the {num_bands} "
                      f"bands of {name} \\({' '.join(info.bands)}\\) \\+ day of year"):
     input_pipeline.dataset_info(config)
+
+
+@pytest.mark.parametrize("magnification", [2, 4])
+def test_fine_labels_are_cropped_and_flipped_with_the_inputs(data_dir, raw, magnification):
+  """A crop at (i, j) of the 10 m input is the crop at (m i, m j) of labels_x{m}."""
+  m = magnification
+  config = _config(data_dir, output_magnification=m)
+  key = f"labels_x{m}"
+  batch, = _take(config, "validation", 1, train=False)
+  assert batch["labels"].shape == batch["valid"].shape == (8, 1, 16 * m, 16 * m)
+  for got, example in zip(_examples([batch]), raw["validation"]):  # centre crop: (4, 4)
+    np.testing.assert_array_equal(got["labels"], example[key][4 * m:20 * m, 4 * m:20 * m])
+    np.testing.assert_array_equal(got["valid"], got["labels"] != 12)
+  for got in _examples(_take(config, "train", 1, train=True)):
+    example, = [e for e in raw["train"] if _dates(got)[:len(e["doy"])] == tuple(e["doy"])]
+    matches = []
+    for top, left in itertools.product(range(9), repeat=2):
+      inputs, _ = _reference(example, 16, 40, top, left)
+      labels = example[key][m * top:m * (top + 16), m * left:m * (left + 16)]
+      for flips in itertools.product([False, True], repeat=2):
+        x, y = _flipped(inputs, labels, *flips)
+        if np.array_equal(got["labels"], y) and np.allclose(got["inputs"], x, atol=1e-7):
+          matches.append((top, left) + flips)
+    assert matches, "fine labels do not follow the crop and flips of the inputs"
+
+
+def test_magnification_the_dataset_lacks_is_one_clear_error(data_dir):
+  with pytest.raises(ValueError, match=r"output_magnification=3 needs the labels 'labels_x3'"
+                                       r".*finer labels: \['labels_x2', 'labels_x4'\]"):
+    input_pipeline.dataset_info(_config(data_dir, output_magnification=3))

@@ -142,10 +142,17 @@ def _classifier_count(name: str) -> int:
     ("unet3d", "supervised", 6_183_429, 0, 6_183_429, (2, 48, 48, 20)),
     ("unet2d_convlstm", "supervised", 3_072_544, 20_754, 3_093_298, (2, 24, 24, 18)),
     ("unet2d_convlstm", "pretrain", 3_072_544, 33_152, 3_126_450, (2, 24, 24, 3, 3)),
+    # Super-resolution (SPEC.md §5): + 147,840 per up-block, outputs at 2x / 4x the grid.
+    ("unet3df_x2", "finetune", 7_365_201, 2_580, 7_367_781, (2, 96, 96, 20)),
+    ("unet3df_x4", "finetune", 7_513_041, 2_580, 7_515_621, (2, 192, 192, 20)),
+    ("unet3df_x2", "pretrain", 7_365_201, 33_152, 7_398_353, (2, 96, 96, 3, 3)),
+    ("unet3df_x4", "pretrain", 7_513_041, 33_152, 7_546_193, (2, 192, 192, 3, 3)),
 ])
 def test_reference_parameter_counts_and_shapes(name, stage, encoder, head, published,
                                                out_shape):
-  config = model_config(name, stage, **REFERENCE[name])
+  name, _, magnification = name.partition("_x")
+  config = model_config(name, stage, **REFERENCE[name],
+                        output_magnification=int(magnification or 1))
   shape = (2, config.max_seq_len, config.img_res, config.img_res, config.num_channels)
   variables, out = init_shapes(models.create_model(config), shape)
   params = variables["params"]
@@ -191,10 +198,19 @@ def test_unsupported_shapes_raise(name, shape, fields, message):
     ("unet3d", "pretrain", "no CSCL pre-training stage"),
     ("unet3df", "train", "model.stage='train'"),
     ("unet4d", "pretrain", "model.name='unet4d'"),
+    ("unet2d_convlstm_x2", "finetune", "output_magnification=2 needs model.name='unet3df'"),
 ])
 def test_bad_config_raises(name, stage, message):
+  name, _, magnification = name.partition("_x")
   with pytest.raises(ValueError, match=message):
-    models.create_model(model_config(name, stage))
+    models.create_model(model_config(name, stage,
+                                     output_magnification=int(magnification or 1)))
+
+
+def test_magnification_must_be_1_2_or_4():
+  config = model_config("unet3df", "finetune", **SMALL["unet3df"], output_magnification=3)
+  with pytest.raises(ValueError, match=r"output_magnification=3; choose one of \(1, 2, 4\)"):
+    init_shapes(models.create_model(config), (1, 4, 8, 8, 5))
 
 
 # --- Small configurations: real passes (one compiled probe per encoder) --------------

@@ -19,6 +19,7 @@ from cscl_jax import input_pipeline
 from cscl_jax import models
 from cscl_jax import preemption
 from cscl_jax import train
+from cscl_jax import visualize
 from configs import test as test_config
 
 
@@ -309,3 +310,25 @@ def test_sigterm_saves_a_checkpoint(data_dir, tmp_path, monkeypatch):
   assert stop.value.exit_code == 128 + signal.SIGTERM
   assert _latest_params(workdir)[0] == 3
   assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_x4_pretrain_then_finetune_at_label_resolution(data_dir, tmp_path, monkeypatch):
+  """Super-resolution end to end: 8x8 inputs, CSCL and classifier on 32x32 labels_x4."""
+  shown = []
+  real_plot = visualize.plot_segmentation
+
+  def plot(path, inputs, labels, preds, num_classes):
+    shown.append((inputs.shape[2:4], labels.shape[1:], preds.shape[1:]))
+    real_plot(path, inputs, labels, preds, num_classes)
+
+  monkeypatch.setattr(visualize, "plot_segmentation", plot)
+  pre, fine = str(tmp_path / "pre"), str(tmp_path / "fine")
+  config = _run_config(data_dir, 2)
+  config.model.output_magnification = 4
+  pre_scores = train.train_and_evaluate(config, pre)
+  config.model.stage, config.init_from = "finetune", pre
+  scores = train.train_and_evaluate(config, fine)
+  assert np.isfinite(pre_scores["loss"]) and 0 <= scores["boundary/miou"] <= 1
+  assert shown == [((8, 8), (32, 32), (32, 32))]
+  # The up-blocks belong to the encoder: fine-tuning starts from the pre-trained ones.
+  assert {"conv_out_x2", "conv_out_x4"} <= set(_latest_params(fine)[1]["encoder"])

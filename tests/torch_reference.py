@@ -96,15 +96,24 @@ class ContextSelfSimilarity(nn.Module):
 
 
 class UNet3DCSCL(nn.Module):
-  """"UNET3Df": train_stage 0 (backbone + attn_sim) or 2 (backbone + linear_out)."""
+  """"UNET3Df": train_stage 0 (backbone + attn_sim) or 2 (backbone + linear_out).
+
+  output_magnification 2 or 4 adds one or two up-blocks "conv_out_x2", "conv_out_x4"
+  (ConvTranspose2d 3x3 stride 2 + BatchNorm2d + LeakyReLU) between the two.
+  """
 
   def __init__(self, stage: int, num_channels: int, time_steps: int, num_features: int = 16,
                num_classes: int = 20, attn_channels: int = 128, kernel_size: int = 3,
-               **cscl):
+               output_magnification: int = 1, **cscl):
     super().__init__()
     self.stage = stage
     emb = 8 * num_features
     self.backbone = UNet3D(num_channels, emb, time_steps, num_features, dc3=(8, 8))
+    self.up_blocks = [f"conv_out_x{m}" for m in (2, 4)[:output_magnification // 2]]
+    for name in self.up_blocks:
+      setattr(self, name, nn.Sequential(
+          nn.ConvTranspose2d(emb, emb, 3, stride=2, padding=1, output_padding=1),
+          nn.BatchNorm2d(emb), nn.LeakyReLU(inplace=True)))
     if stage == 0:
       self.attn_sim = ContextSelfSimilarity(emb, attn_channels, kernel_size, **cscl)
     else:
@@ -112,6 +121,8 @@ class UNet3DCSCL(nn.Module):
 
   def forward(self, x):
     emb = self.backbone(x)  # [B, 8f, H, W]
+    for name in self.up_blocks:
+      emb = getattr(self, name)(emb)  # [B, 8f, 2H, 2W] each
     if self.stage == 0:
       return self.attn_sim(emb)
     return self.linear_out(emb.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -61,14 +61,8 @@ class Options:
 
 def dataset_features(magnification: int) -> tfds.features.FeaturesDict:
   """`features.sits_features()`, plus `labels_x{m}` / `parcel_ids_x{m}` at 10 / m metres."""
-  base = features.sits_features()
-  extra = {}
-  if magnification > 1:
-    extra = {f"{k}_x{magnification}": tfds.features.Tensor(
-        shape=(None, None), dtype=np.int32, encoding=tfds.features.Encoding.ZLIB,
-        doc=f"{k} [{magnification}H, {magnification}W] at {10 / magnification} m.")
-             for k in ("labels", "parcel_ids")}
-  return tfds.features.FeaturesDict({**{k: base[k] for k in base.keys()}, **extra})
+  return features.sits_features(
+      label_magnifications=(magnification,) if magnification > 1 else ())
 
 
 def tile_parcels(tile: products.Tile, options: Options) -> parcels_lib.Parcels:

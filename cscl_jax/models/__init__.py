@@ -45,7 +45,8 @@ from cscl_jax.models import utae
 def _unet3df(mc: ml_collections.ConfigDict, **kwargs) -> nn.Module:
   return unet3d.UNet3Df(
       out_features=mc.emb_channels, num_channels=mc.num_channels,
-      time_steps=mc.max_seq_len, num_features=mc.num_features, **kwargs)
+      time_steps=mc.max_seq_len, num_features=mc.num_features,
+      output_magnification=mc.output_magnification, **kwargs)
 
 
 def _unet3d(mc: ml_collections.ConfigDict, **kwargs) -> nn.Module:
@@ -121,6 +122,10 @@ def create_model(model_config: ml_collections.ConfigDict, *, dtype: Any = jnp.fl
   if model_config.name not in ENCODERS:
     raise ValueError(f"model.name={model_config.name!r}; choose one of "
                      f"{sorted(ENCODERS)}.")
+  if model_config.output_magnification != 1 and model_config.name != "unet3df":
+    raise ValueError(f"model.output_magnification={model_config.output_magnification} "
+                     f"needs model.name='unet3df' (the reference's super-resolution "
+                     f"network); {model_config.name!r} only maps at the input grid (1).")
   build, classifier_kernel = ENCODERS[model_config.name]
   dtype = jnp.dtype(dtype)
   head = segmenter.make_head(model_config, classifier_kernel=classifier_kernel,

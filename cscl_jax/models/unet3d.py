@@ -8,7 +8,9 @@ the last decoder block:
   UNet3Df: dc3 = 8f -> 8f, final Conv3d(8f -> emb_channels): embeddings [B, H, W, E].
   UNet3D:  dc3 = 4f -> 2f, final Conv3d(2f -> num_classes), dropout: logits [B, H, W, K].
 
-T, H and W must all be divisible by 4.
+T, H and W must all be divisible by 4. UNet3Df can end in 1 or 2 up-blocks
+(`output_magnification` 2 or 4, SPEC.md §5) that map the embeddings to a 2x or 4x finer
+grid, [B, m H, m W, E], for crop maps at 5 m or 2.5 m from 10 m inputs.
 """
 
 from typing import Any
@@ -79,11 +81,53 @@ class UNet3D(nn.Module):
     return out[..., 0]  # [B, H, W, out_features]
 
 
+class UpBlock(nn.Module):
+  """ConvTranspose2d(E -> E, kernel 3, stride 2, pad 1, output_pad 1) + BatchNorm + LeakyReLU.
+
+  The reference's `up_conv_block_2d`: [B, H, W, E] -> [B, 2H, 2W, E]; 147,840
+  parameters for E = 128.
+
+  Attributes:
+    dtype: computation dtype.
+    axis_name: pmap axis over which BatchNorm averages its statistics.
+  """
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = layers.conv_transpose_x2(x.shape[-1], 3, 2, padding=1, output_padding=1,
+                                 dtype=self.dtype, name="up")(x)  # [B, 2H, 2W, E]
+    x = layers.batch_norm(train=train, axis_name=self.axis_name, dtype=self.dtype,
+                          name="norm")(x)
+    return nn.leaky_relu(x, layers.LEAKY_SLOPE)
+
+
+MAGNIFICATIONS = (1, 2, 4)
+
+
 class UNet3Df(UNet3D):
   """Reference UNet3Df: the CSCL encoder, a wider UNet3D that outputs embeddings.
 
-  With the defaults and 14 channels, T = 16: 7,217,361 parameters.
+  With the defaults and 14 channels, T = 16: 7,217,361 parameters, plus 147,840 per
+  up-block ("conv_out_x2", "conv_out_x4", as the reference's UNet3D_CSCL names them).
   `out_features` is the embedding width E (8f in the reference).
+
+  Attributes:
+    output_magnification: 1, 2 or 4: embeddings [B, m H, m W, E].
   """
   out_features: int = 128
   dc3_features: tuple[int, int] = (8, 8)
+  output_magnification: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Maps [B, T, H, W, C] to [B, m H, m W, out_features]."""
+    if self.output_magnification not in MAGNIFICATIONS:
+      raise ValueError(f"UNet3Df output_magnification={self.output_magnification}; "
+                       f"choose one of {MAGNIFICATIONS} (model.output_magnification).")
+    emb = super().__call__(x, train=train)  # [B, H, W, E]
+    for m in (2, 4)[:MAGNIFICATIONS.index(self.output_magnification)]:
+      emb = UpBlock(dtype=self.dtype, axis_name=self.axis_name, name=f"conv_out_x{m}")(
+          emb, train=train)
+    return emb  # [B, m H, m W, E]

@@ -2,11 +2,17 @@
 
 One sample is a small agricultural scene seen on irregular dates of one year, built like this:
 
-* Geometry, drawn on a 4x finer grid and then averaged to the 10 m pixel grid, so that pixels on
-  a boundary are genuinely mixed: Voronoi parcels (seeds also outside the image, so fields run
+* Geometry, drawn on a 12x finer grid and then averaged to the 10 m pixel grid, so that pixels
+  on a boundary are genuinely mixed: Voronoi parcels (seeds also outside the image, so fields run
   across its borders), thin grass margins along some parcel boundaries, 0-2 straight roads.
   Most parcels grow one of the 12 crops of `CLASS_NAMES`; the others are forest, an unlisted
   crop, built-up land or water, labelled unknown like margins and roads.
+* Ground truths on three grids from that one geometry: 10 m, 5 m (x2) and 2.5 m (x4), each cell
+  labelled with the entity covering most of it (ties, only where three entities meet, go to
+  the lower entity index), so the x2 / x4 labels are real finer ground truths, never upsampled
+  10 m labels. The scene is uniform within an entity at the render scale except for smooth
+  10 m fields (phenology shift, brightness), so each 10 m pixel is the area average of the
+  fine scene: a mix of its entities by their area fractions.
 * Phenology: green, dry and flowering cover fractions per surface type (green-up, senescence,
   harvest, rapeseed flowering, mowing cuts); the rest of the pixel is soil. Several crops are
   deliberately close (winter wheat/barley; maize/sunflower/soybean; the meadows and alfalfa).
@@ -32,7 +38,10 @@ CLASS_NAMES = ("winter_wheat", "winter_barley", "spring_barley", "winter_rapesee
                "sunflower", "soybean", "potato", "permanent_meadow", "temporary_meadow",
                "alfalfa", "vineyard")
 UNKNOWN = len(CLASS_NAMES)  # label of margins, roads and non-crop parcels
-SUPERSAMPLING = 4  # geometry is drawn on a grid this many times finer than 10 m
+# Geometry is drawn on a grid RENDER times finer than 10 m (0.83 m): 3x3 render cells to
+# a 2.5 m label cell, so the largest coverage there ties only where three entities meet.
+RENDER = 12
+LABEL_MAGNIFICATIONS = (2, 4)  # the 5 m and 2.5 m label grids besides 10 m
 
 _NEVER = 999.0  # a day that never comes within the year
 
@@ -150,36 +159,50 @@ def _parcels(rng, num):
 
 
 def _geometry(rng, height, width, num_parcels):
-  """Returns the entity of every sub-pixel [H*s, W*s]: parcel i, margin P or road P + 1."""
-  s = SUPERSAMPLING
-  ys = ((np.arange(height * s) + 0.5) / s)[None, :, None]  # [1, Hs, 1]
-  xs = ((np.arange(width * s) + 0.5) / s)[None, None, :]  # [1, 1, Ws]
+  """Returns the entity at every render cell [H*R, W*R]: parcel i, margin P or road P + 1."""
+  r = RENDER
+  ys = ((np.arange(height * r, dtype=np.float32) + 0.5) / r)[:, None]  # [Hr, 1]
+  xs = ((np.arange(width * r, dtype=np.float32) + 0.5) / r)[None, :]  # [1, Wr]
   seeds = rng.uniform(-0.15, 1.15, size=(num_parcels, 2)) * (height, width)
-  d2 = (ys - seeds[:, :1, None]) ** 2 + (xs - seeds[:, 1:, None]) ** 2  # [P, Hs, Ws]
-  a = d2.argmin(0)
-  d2_a = np.take_along_axis(d2, a[None], 0)[0]
-  np.put_along_axis(d2, a[None], np.inf, 0)
-  b = d2.argmin(0)
-  d2_b = np.take_along_axis(d2, b[None], 0)[0]
+  # Nearest (a) and second-nearest (b) seed of every cell, one seed at a time: [Hr, Wr] each.
+  d2_a, d2_b = (np.full((height * r, width * r), np.inf, np.float32) for _ in range(2))
+  a, b = (np.zeros((height * r, width * r), np.int32) for _ in range(2))
+  for i, (y, x) in enumerate(seeds.astype(np.float32)):
+    d2 = (ys - y) ** 2 + (xs - x) ** 2
+    closer = d2 < d2_a
+    second = ~closer & (d2 < d2_b)
+    b[second], d2_b[second] = i, d2[second]
+    b[closer], d2_b[closer] = a[closer], d2_a[closer]
+    a[closer], d2_a[closer] = i, d2[closer]
   # Distance to the bisector between the nearest and second-nearest seed.
-  to_edge = (d2_b - d2_a) / (2 * np.linalg.norm(seeds[a] - seeds[b], axis=-1))
+  gap = np.linalg.norm(seeds[:, None] - seeds[None], axis=-1).astype(np.float32)  # [P, P]
+  to_edge = (d2_b - d2_a) / (2 * gap[a, b])
   margin = np.where(rng.random(num_parcels) < 0.6, rng.uniform(0.3, 1.0, num_parcels), 0.0)
   entity = np.where(to_edge < margin[a], num_parcels, a)
   for _ in range(rng.choice(3, p=[0.4, 0.4, 0.2])):  # roads
     angle = rng.uniform(0, np.pi)
     normal = np.array([np.cos(angle), np.sin(angle)])
     offset = normal @ (rng.uniform(0.1, 0.9, 2) * (height, width))
-    road = np.abs(ys[0] * normal[0] + xs[0] * normal[1] - offset) < rng.uniform(0.4, 1.0)
+    road = np.abs(ys * normal[0] + xs * normal[1] - offset) < rng.uniform(0.4, 1.0)
     entity = np.where(road, num_parcels + 1, entity)
   return entity
 
 
-def _pixel_fractions(entity, num_entities):
-  """Returns the area fraction of each entity in each 10 m pixel [H, W, E]."""
-  s = SUPERSAMPLING
+def cell_fractions(entity: np.ndarray, num_entities: int, magnification: int) -> np.ndarray:
+  """Returns the area fraction of each entity in each cell of the grid m times finer than 10 m.
+
+  Args:
+    entity: entity index of every render cell [H * RENDER, W * RENDER].
+    num_entities: E.
+    magnification: m, a divisor of RENDER; cells are 10 m / m wide.
+
+  Returns:
+    float32 [m H, m W, E], each cell's fractions summing to 1.
+  """
+  s = RENDER // magnification
   hs, ws = entity.shape
-  pixel = (np.arange(hs)[:, None] // s) * (ws // s) + np.arange(ws)[None] // s
-  counts = np.bincount((pixel * num_entities + entity).ravel(),
+  cell = (np.arange(hs)[:, None] // s) * (ws // s) + np.arange(ws)[None] // s
+  counts = np.bincount((cell * num_entities + entity).ravel(),
                        minlength=(hs // s) * (ws // s) * num_entities)
   return counts.reshape(hs // s, ws // s, num_entities).astype(np.float32) / s**2
 
@@ -265,7 +288,8 @@ def generate_sample(rng: np.random.Generator, height: int, width: int, *,
   Returns:
     The `cscl_jax.features` example: "image" uint16 [T, H, W, 13] (reflectance x 1e4),
     "doy" int32 [T], "labels" int32 [H, W] (UNKNOWN = 12 for background), "parcel_ids"
-    int32 [H, W] (1.. for crop parcels, 0 elsewhere).
+    int32 [H, W] (1.. for crop parcels, 0 elsewhere), and the same ground truths at 5 m and
+    2.5 m: "labels_x2", "parcel_ids_x2" [2H, 2W], "labels_x4", "parcel_ids_x4" [4H, 4W].
   """
   doy = acquisition_days(rng, int(rng.integers(min_dates, max_dates + 1)))
   num_dates, num_parcels = doy.size, max(2, int(rng.integers(4, 15) * height * width / 48**2))
@@ -274,7 +298,8 @@ def generate_sample(rng: np.random.Generator, height: int, width: int, *,
   soil = np.concatenate([soil, _SOIL[None] * rng.uniform(0.8, 1.2), _ASPHALT[None]])
   labels = np.append(labels, [UNKNOWN, UNKNOWN])
   ids = np.append(np.where(labels[:-2] < UNKNOWN, np.arange(1, num_parcels + 1), 0), [0, 0])
-  fractions = _pixel_fractions(_geometry(rng, height, width, num_parcels), num_parcels + 2)
+  entity = _geometry(rng, height, width, num_parcels)  # [H * RENDER, W * RENDER]
+  fractions = cell_fractions(entity, num_parcels + 2, 1)  # [H, W, E]
 
   # Each pixel mixes the entities it covers (area fractions) seen on its dates shifted by a
   # smooth per-pixel offset of a few days, interpolated between shifts of _SHIFT_STEP days.
@@ -296,10 +321,11 @@ def generate_sample(rng: np.random.Generator, height: int, width: int, *,
   image[:, _BANDS_60M] = _tent_blur(image[:, _BANDS_60M], 6)
   image = np.clip(np.rint(image * 1e4), 0, 65535).astype(np.uint16)
 
-  major = fractions.argmax(-1)  # [H, W]
-  return {
-      "image": np.ascontiguousarray(np.transpose(image, (0, 2, 3, 1))),  # [T, H, W, 13]
-      "doy": doy.astype(np.int32),
-      "labels": labels[major].astype(np.int32),
-      "parcel_ids": ids[major].astype(np.int32),
-  }
+  sample = {"image": np.ascontiguousarray(np.transpose(image, (0, 2, 3, 1))),  # [T, H, W, 13]
+            "doy": doy.astype(np.int32)}
+  for m in (1,) + LABEL_MAGNIFICATIONS:  # largest coverage on each grid: [m H, m W]
+    major = (fractions if m == 1 else cell_fractions(entity, num_parcels + 2, m)).argmax(-1)
+    suffix = "" if m == 1 else f"_x{m}"
+    sample["labels" + suffix] = labels[major].astype(np.int32)
+    sample["parcel_ids" + suffix] = ids[major].astype(np.int32)
+  return sample

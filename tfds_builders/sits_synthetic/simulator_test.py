@@ -115,3 +115,52 @@ def test_tent_blur_matches_direct_convolution():
             want[..., i, j] += kernel[a, b] * planes[..., min(max(i + dy, 0), 8),
                                                      min(max(j + dx, 0), 6)]
     np.testing.assert_allclose(simulator._tent_blur(planes, radius), want, rtol=1e-5)
+
+
+def _mode_per_cell(entity, num_entities, block):
+  """Largest coverage in each block x block cell by plain loops (lowest index on ties)."""
+  h, w = entity.shape[0] // block, entity.shape[1] // block
+  out = np.zeros((h, w), int)
+  for i in range(h):
+    for j in range(w):
+      cell = entity[i * block:(i + 1) * block, j * block:(j + 1) * block]
+      out[i, j] = np.argmax(np.bincount(cell.ravel(), minlength=num_entities))
+  return out
+
+
+@pytest.mark.parametrize("magnification", [1, 2, 4])
+def test_cell_fractions_count_the_render_cells(magnification):
+  rng = np.random.default_rng(0)
+  entity = rng.integers(0, 5, (3 * simulator.RENDER, 2 * simulator.RENDER))
+  fractions = simulator.cell_fractions(entity, 5, magnification)
+  block = simulator.RENDER // magnification
+  assert fractions.shape == (3 * magnification, 2 * magnification, 5)
+  np.testing.assert_allclose(fractions.sum(-1), 1, rtol=1e-6)
+  np.testing.assert_array_equal(fractions.argmax(-1), _mode_per_cell(entity, 5, block))
+  # The 10 m fractions are the area averages of the finer ones.
+  coarse = fractions.reshape(3, magnification, 2, magnification, 5).mean((1, 3))
+  np.testing.assert_allclose(coarse, simulator.cell_fractions(entity, 5, 1), atol=1e-6)
+
+
+def test_fine_ground_truths_come_from_the_same_parcels(samples):
+  """x2 / x4 labels are rasterised parcels: consistent ids, finer than 10 m, not upsampled."""
+  finer_than_10m = 0
+  for s in samples[:6]:
+    for m in (2, 4):
+      labels, ids = s[f"labels_x{m}"], s[f"parcel_ids_x{m}"]
+      assert labels.shape == ids.shape == (48 * m, 48 * m) and labels.dtype == np.int32
+      np.testing.assert_array_equal(ids > 0, labels < simulator.UNKNOWN)
+      # A parcel id has one class on every grid.
+      for pid in np.unique(ids[ids > 0])[:5]:
+        assert np.unique(labels[ids == pid]).size == 1
+        if (s["parcel_ids"] == pid).any():
+          assert labels[ids == pid][0] == s["labels"][s["parcel_ids"] == pid][0]
+      # Mostly the 10 m label, but not a nearest upsampling of it.
+      up = np.kron(s["labels"], np.ones((m, m), int))
+      assert 0.8 < np.mean(up == labels) < 1.0
+      finer_than_10m += np.sum(up != labels)
+    # Where the 16 x4 cells of a 10 m pixel agree, the pixel (their largest cover) agrees.
+    cells = s["labels_x4"].reshape(48, 4, 48, 4).transpose(0, 2, 1, 3).reshape(48, 48, 16)
+    pure = (cells == cells[..., :1]).all(-1)
+    np.testing.assert_array_equal(s["labels"][pure], cells[pure, 0])
+  assert finer_than_10m > 100

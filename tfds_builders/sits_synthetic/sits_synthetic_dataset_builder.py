@@ -1,7 +1,8 @@
 """sits_synthetic: simulated Sentinel-2 crop-parcel image time series; nothing to download.
 
 Examples follow `cscl_jax.features` (uint16 reflectance x 1e4 in 13 bands at 10 m, day of year,
-labels with 12 crop classes and unknown = 12, parcel ids); `simulator.py` describes the scenes.
+labels with 12 crop classes and unknown = 12, parcel ids; labels and parcel ids also at 5 m and
+2.5 m for super-resolution: labels_x2, labels_x4); `simulator.py` describes the scenes.
 Example i of split s is generated from the seed (config.seed, s, i) alone, so every build of a
 config gives the same data whatever the order or the machine.
 """
@@ -48,8 +49,10 @@ def _config(name, description, train, evaluation, size):
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for the synthetic SITS crop-type segmentation dataset."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "Labels and parcel ids also at 5 m and 2.5 m (labels_x2, "
+                            "labels_x4); geometry rendered at 0.83 m instead of 2.5 m."}
   BUILDER_CONFIGS = [
       _config("tiny", "For tests: 24/8/8 samples of 24x24 pixels.", 24, 8, 24),
       _config("small", "For quick CPU runs: 512/128/128 samples of 48x48 pixels.", 512, 128, 48),
@@ -60,7 +63,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     """Returns the dataset metadata."""
     return self.dataset_info_from_configs(
-        features=features.sits_features(),
+        features=features.sits_features(label_magnifications=simulator.LABEL_MAGNIFICATIONS),
         supervised_keys=None,
         homepage="https://github.com/michaeltrs/DeepSatModels",
         metadata=features.sits_metadata(features.BANDS, simulator.CLASS_NAMES),

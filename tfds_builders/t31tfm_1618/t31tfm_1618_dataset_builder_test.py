@@ -20,12 +20,28 @@ _BANDS = ("B04", "B03", "B02", "B08", "B05", "B06", "B07", "B8A", "B11", "B12", 
 class T31tfm1618Test(testing.FakeFolder, tfds.testing.DatasetBuilderTestCase):
   """Builds the fake folder, reads it back, reloads it, checks splits, tags and registration."""
   DATASET_CLASS = builder_lib.Builder
+  BUILDER_CONFIG_NAMES_TO_TEST = ["default"]
   SPLITS = {"train": 6, "validation": 3}
   write_fake = staticmethod(fake_data.write)
 
 
-def _build(tmp_path, manual_dir):
-  return testing.build(builder_lib.Builder, tmp_path, manual_dir)
+class T31tfm1618X4Test(T31tfm1618Test):
+  """The x4 config: only the files with x4 ground truths (every other one in fake_data)."""
+  BUILDER_CONFIG_NAMES_TO_TEST = ["x4"]
+  SPLITS = {"train": 3, "validation": 2}
+
+
+def _build(tmp_path, manual_dir, config="default"):
+  return testing.build(builder_lib.Builder, tmp_path, manual_dir, config=config)
+
+
+def _expected_labels(sample, suffix=""):
+  """labels + suffix by a plain dict remap, unknown (20) where full_ass or part_ass is set."""
+  spec = json.loads((pathlib.Path(builder_lib.__file__).parent / "labels_20k2k.json").read_text())
+  labels = np.array([[spec["map"].get(str(int(code)), 20) for code in row]
+                     for row in sample["labels" + suffix]])
+  labels[(sample["full_ass" + suffix] > 0) | (sample["part_ass" + suffix] > 0)] = 20
+  return labels
 
 
 def _expected(sample):
@@ -34,11 +50,7 @@ def _expected(sample):
   for band in _BANDS:
     x = sample[band].astype(np.float32)[..., None]  # [T, h, w, 1]
     bands.append(tf.image.resize(x, (48, 48), method="bilinear").numpy()[..., 0])
-  spec = json.loads((pathlib.Path(builder_lib.__file__).parent / "labels_20k2k.json").read_text())
-  labels = np.array([[spec["map"].get(str(int(code)), 20) for code in row]
-                     for row in sample["labels"]])
-  labels[(sample["full_ass"] > 0) | (sample["part_ass"] > 0)] = 20
-  return np.stack(bands, -1), labels
+  return np.stack(bands, -1), _expected_labels(sample)
 
 
 def test_examples_match_the_pickles(tmp_path):
@@ -60,6 +72,33 @@ def test_examples_match_the_pickles(tmp_path):
       np.testing.assert_array_equal(example["parcel_ids"], sample["ids"])
       seen += 1
   assert seen == 9
+
+
+def test_x4_config_holds_the_x4_files_and_ground_truths(tmp_path):
+  root = fake_data.write(tmp_path / "T31TFM_1618")
+  builder = _build(tmp_path, root, config="x4")
+  pickles = [pickle.loads(p.read_bytes()) for p in root.glob("*/pkl_timeseries/*/*.pickle")]
+  with_x4 = {tuple(s["doy"]): s for s in pickles if "labels_x4" in s}
+  assert 0 < len(with_x4) < len(pickles)
+  seen = set()
+  for split in ("train", "validation"):
+    for example in tfds.as_numpy(builder.as_dataset(split=split)):
+      sample = with_x4[tuple(example["doy"])]
+      assert example["labels_x4"].shape == (192, 192)
+      np.testing.assert_array_equal(example["labels"], _expected_labels(sample))
+      np.testing.assert_array_equal(example["labels_x4"], _expected_labels(sample, "_x4"))
+      np.testing.assert_array_equal(example["parcel_ids_x4"], sample["ids_x4"])
+      seen.add(tuple(example["doy"]))
+  assert seen == set(with_x4)
+
+
+def test_x4_file_with_misshapen_x4_truths_is_named(tmp_path):
+  root = fake_data.write(tmp_path / "T31TFM_1618", num_train=2, num_eval=1)
+  bad = root / (root / "paths" / "train_paths.csv").read_text().split()[0]  # has x4
+  _rewrite(bad, lambda s: s.update(part_ass_x4=np.zeros((96, 96))))
+  with pytest.raises(ValueError, match=rf"{bad}: wrong shapes: part_ass_x4 \(96, 96\) "
+                                       r"\(expected \(192, 192\)\)"):
+    _build(tmp_path, root, config="x4")
 
 
 def _rewrite(path, change):
