@@ -328,7 +328,7 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
   # Only what the weights and the arguments tell: a run's config.model takes these over.
   model_config = ml_collections.ConfigDict(dict(
       name=name, stage=stage, img_res=default_res, stride=stride, dilation=dilation,
-      groups=groups, norm_emb=norm_emb))
+      groups=groups, norm_emb=norm_emb, output_magnification=1))
   model_config.update(sizes)
   entries = _entries(architecture, pretrain, model_config)
   return model_config, build_variables(arrays, entries, model_config,

@@ -105,7 +105,7 @@ def from_utae(state_dict: Mapping[str, Any], *, stage: str = "finetune", img_res
   sizes = _infer_sizes(arrays)
   # Only what the weights and the arguments tell: a run's config.model takes these over.
   model_config = ml_collections.ConfigDict(dict(name="utae", stage=stage, img_res=img_res,
-                                                **sizes))
+                                                output_magnification=1, **sizes))
   if max_seq_len is not None:
     model_config.max_seq_len = max_seq_len
   return model_config, convert.build_variables(arrays, _entries(), model_config,
