@@ -64,7 +64,21 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
   Returns:
     The restored state with numpy leaves, or None when the directory holds no checkpoint.
   """
-  step = manager.latest_step()
+  return _restore(manager, manager.latest_step(), target)
+
+
+def restore_best(manager: ocp.CheckpointManager, target: Any) -> tuple[int, Any] | None:
+  """(step, state) of the best checkpoint by the manager's metric, or None if none has one.
+
+  Args:
+    manager: from `create_manager` (its `best_metric` ranks the saved eval metrics).
+    target: as in `restore_latest`.
+  """
+  step = manager.best_step()
+  return None if step is None else (step, _restore(manager, step, target))
+
+
+def _restore(manager: ocp.CheckpointManager, step: int | None, target: Any) -> Any | None:
   if step is None:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
