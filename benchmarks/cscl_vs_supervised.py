@@ -24,7 +24,7 @@ config.model, so the same widths; the supervised arm keeps the encoder and its c
     >= 5 seeds.
  3. Every run validates on --select_split (validation) and keeps its best checkpoint by
     validation mIoU; after training that checkpoint is evaluated on --test_split (test)
-    with train.eval_step / train.evaluate (test_metrics.json in the run's workdir).
+    with cscl_jax.evaluate (the whole split; test_metrics.json in the run's workdir).
  4. results.md: per-arm means, paired differences (CSCL - supervised; probe cscl - probe
     random) with 95 % t confidence intervals over seeds (benchmarks/evidence_report.py), per
     seed rows; diff.png: boundary / interior mIoU differences with their intervals;
@@ -43,7 +43,6 @@ checkpoint, so rerunning the command resumes; test_metrics.json is kept likewise
       --config.num_train_steps=<N>
 """
 
-import functools
 import json
 import os
 import sys
@@ -51,18 +50,13 @@ import time
 
 from absl import app
 from absl import flags
-from flax import jax_utils
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import optax
 import tensorflow as tf
 
 from benchmarks import evidence_report as report
-from cscl_jax import checkpoints
-from cscl_jax import input_pipeline
-from cscl_jax import models
+from cscl_jax import evaluate
 from cscl_jax import train
 
 FLAGS = flags.FLAGS
@@ -148,32 +142,15 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> dic
 
 
 def evaluate_best(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
-  """Test metrics of the run's best-validation checkpoint (cached in TEST_METRICS)."""
+  """Test metrics of the run's best-validation checkpoint (cscl_jax.evaluate; cached)."""
   path = os.path.join(workdir, TEST_METRICS)
   if os.path.exists(path):
     with open(path) as f:
       scores = json.load(f)
     if scores["num_train_steps"] == config.num_train_steps and scores["split"] == split:
       return scores
-  model = models.create_model(config.model, dtype=jnp.dtype(config.dtype),
-                              axis_name=train.AXIS)
-  state = train.create_train_state(jax.random.key(config.seed, impl="rbg"), config, model,
-                                   optax.constant_schedule(0.0))  # structure only
-  manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints,
-                                       best_metric="miou", best_mode="max")
-  best = checkpoints.restore_best(manager, state)
-  manager.close()
-  if best is None:
-    raise ValueError(f"{workdir} has no checkpoint with validation metrics; rerun it.")
-  step, state = best
-  p_eval_step = jax.pmap(functools.partial(train.eval_step, config=config,
-                                           axis_name=train.AXIS), axis_name=train.AXIS)
-  info = input_pipeline.dataset_info(config)
-  scores, _, _ = train.evaluate(
-      p_eval_step, jax_utils.replicate(state), input_pipeline.create_split(
-          config, split, train=False), info.class_names, config.model.stage)
-  scores = {"step": int(step), "split": split,
-            "num_train_steps": config.num_train_steps, **scores}
+  scores = evaluate.evaluate_checkpoint(workdir, split, "best")
+  scores = {**scores, "split": split, "num_train_steps": config.num_train_steps}
   with open(path, "w") as f:
     json.dump(scores, f, indent=2)
   return scores

@@ -2,9 +2,11 @@
 
 For each (model, stage) at the reference configuration of SPEC.md §2 (France:
 14 channels, T = 16, 48x48, 20 classes; MTLCC: 15 channels, T = 16, 24x24, 18
-classes; PASTIS24 for TSViT: 11 channels, T = 60, 24x24, 19 classes) it times one
-jitted train-mode step, gradients of a fixed random read-out of the output w.r.t.
-every parameter plus the BatchNorm statistics update, on the current backend. Reports trainable parameters, compile time, the
+classes; PASTIS24 for TSViT: 11 channels, T = 60, 24x24, 19 classes; U-TAE's PASTIS:
+11 channels, T = 16, 128x128, 20 classes) it times one jitted train-mode step
+(dropout on), gradients of a fixed random read-out of the output w.r.t. every
+parameter plus the BatchNorm statistics update, on the current backend. Reports
+trainable parameters, compile time, the
 median of `repeats` timed steps after one warm-up divided by the batch size, and
 XLA's compiled memory (temp + arguments + outputs, an upper bound of the peak).
 
@@ -24,6 +26,8 @@ from cscl_jax import models
 FRANCE = dict(num_channels=14, max_seq_len=16, img_res=48, num_classes=20)
 MTLCC = dict(num_channels=15, max_seq_len=16, img_res=24, num_classes=18)
 PASTIS24 = dict(num_channels=11, max_seq_len=60, img_res=24, num_classes=19)
+# U-TAE's PASTIS defaults: 10 bands + day of year, 128x128 patches; T = 16 dates here.
+PASTIS = dict(num_channels=11, max_seq_len=16, img_res=128, num_classes=20)
 CASES = {
     "unet3df/pretrain": dict(FRANCE, name="unet3df", stage="pretrain"),
     "unet3df/finetune": dict(FRANCE, name="unet3df", stage="finetune"),
@@ -34,6 +38,8 @@ CASES = {
     "biconvgru/pretrain": dict(FRANCE, name="biconvgru", stage="pretrain"),
     "tsvit/supervised": dict(PASTIS24, name="tsvit", stage="supervised"),
     "tsvit/pretrain": dict(PASTIS24, name="tsvit", stage="pretrain"),
+    "utae/supervised": dict(PASTIS, name="utae", stage="supervised"),
+    "utae/pretrain": dict(PASTIS, name="utae", stage="pretrain"),
 }
 
 
@@ -53,7 +59,8 @@ def measure_case(fields, batch_size, repeats, dtype):
 
   def loss(params, batch_stats, x):
     out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                               train=True, mutable=["batch_stats"])
+                               train=True, mutable=["batch_stats"],
+                               rngs={"dropout": keys[2]})
     return jnp.vdot(out, readout), updates["batch_stats"]
 
   start = time.perf_counter()

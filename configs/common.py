@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The network: everything needed to build it (cscl_jax.models.create_model).
   config.model = ml_collections.ConfigDict()
-  config.model.name = "unet3df"  # unet3df | unet3d | unet2d_convlstm | biconvgru | tsvit
+  # unet3df | unet3d | unet2d_convlstm | biconvgru | tsvit | utae
+  config.model.name = "unet3df"
   # pretrain: encoder + CSCL similarity head; finetune / supervised: encoder + classifier.
   config.model.stage = "pretrain"
   config.model.num_channels = 14  # 13 bands + day of year
@@ -58,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.num_channels = config.model.get_ref("num_channels")
   config.dataset.num_classes = config.model.get_ref("num_classes")
   # Which max_seq_len dates to keep: "first" (the reference's cut, used for T31TFM) or
-  # "even" (spread over the season; the synthetic dates span a whole year).
+  # "even" (evenly spaced by index, first and last kept: by acquisition, not by day of year).
   config.dataset.time_sampling = "even"
   config.dataset.shuffle_buffer = 512
   config.dataset.prefetch = 2

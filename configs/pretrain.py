@@ -8,8 +8,9 @@ falling:
 
   python -m cscl_jax.main --config=configs/pretrain.py:quick --workdir=workdirs/pretrain_quick
 
-`:quick_biconvgru` and `:quick_tsvit` are the same quick run with a narrow BiConvGRU or
-TSViT (model.name overridden; finetune.py and supervised.py take the same variants):
+`:quick_biconvgru`, `:quick_tsvit` and `:quick_utae` are the same quick run with a narrow
+BiConvGRU, TSViT or U-TAE (model.name overridden; finetune.py and supervised.py take the
+same variants):
 
   python -m cscl_jax.main --config=configs/pretrain.py:quick_tsvit --workdir=workdirs/pre_tsvit
 
@@ -44,6 +45,7 @@ QUICK_MODELS = {
     "biconvgru": dict(conv3d_dim=16, rnn_hidden_dim=32),
     "tsvit": dict(patch_size=2, dim=32, temporal_depth=2, spatial_depth=2, heads=2,
                   dim_head=16, scale_dim=2),
+    "utae": dict(num_features=4),  # widths [16, 16, 16, 32]; its 16 heads need 4 | f
 }
 
 

@@ -34,19 +34,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import common
 from cscl_jax import checkpoints
 from cscl_jax import convert_seq
 from cscl_jax import models
+from cscl_jax.models import segmenter
 
 # Original MODEL.architecture -> (our model.name, reference image size).
 ARCHITECTURES = {"UNET3Df": ("unet3df", 48), "UNET3D": ("unet3d", 48),
                  "UNET2D-CLSTM": ("unet2d_convlstm", 24), **convert_seq.ARCHITECTURES}
 # Supervised networks of the original code: no CSCL pre-training stage.
 _SUPERVISED_ONLY = ("UNET3D", *convert_seq.ARCHITECTURES)
-# "pretrain" is the original's train_stage 0; "finetune" / "supervised" are train_stage 2
-# (for UNET3D, which has no stages, the network itself).
-STAGES = ("pretrain", "finetune", "supervised")
 _UNET2D = "fcn.unet_"
 _CELL = "crnn_main.clstm.cell_list.0."
 
@@ -74,6 +71,7 @@ _KINDS = {
     "rel_w": (lambda s: (s[0], 1, 1, 1, s[1]), lambda a, s: a[0].reshape(s)),
     "per_step": (lambda s: s[1:], lambda a, s: np.stack(a)),
     **convert_seq.KINDS,
+    "conv1d_as_dense": (lambda s: (s[1], s[0], 1), lambda a, s: a[0][:, :, 0].T),
 }
 
 
@@ -162,10 +160,10 @@ def _entries(architecture: str, pretrain: bool, model_config: ml_collections.Con
             ((*h, "rel_w"), "attn_sim.rel_w", "rel_w")]
   if architecture == "UNET3Df":
     if not pretrain:  # nn.Linear(E, K) on [B, H, W, E]: segmenter.Classifier's 1x1 conv
-      head = [((*h, "Conv_0", "kernel"), "linear_out.weight", "linear_as_conv1x1"),
-              ((*h, "Conv_0", "bias"), "linear_out.bias", "copy")]
+      head = [((*h, "conv", "kernel"), "linear_out.weight", "linear_as_conv1x1"),
+              ((*h, "conv", "bias"), "linear_out.bias", "copy")]
     return _unet3d_entries("backbone.") + head
-  classifier = _conv(("head", "Conv_0"), "main_finalconv")  # the Classifier's 3x3 conv
+  classifier = _conv(("head", "conv"), "main_finalconv")  # the Classifier's 3x3 conv
   if pretrain:  # FCN_CRNN builds its classifier in every stage; stage 0 never uses it.
     classifier = [(None, key, kind) for _, key, kind in classifier]
   return _unet2d_convlstm_entries(time_steps) + head + classifier
@@ -224,7 +222,9 @@ def _infer_sizes(arrays: Mapping[str, np.ndarray], architecture: str,
 def _variable_shapes(model_config: ml_collections.ConfigDict) -> dict[tuple, tuple]:
   """Leaf path -> shape of the variables `models.create_model` makes (nothing computed)."""
   m = model_config
-  x = jax.ShapeDtypeStruct((1, m.max_seq_len, m.img_res, m.img_res, m.num_channels),
+  # BiConvGRU and TSViT take any number of dates, and their weights name none.
+  time_steps = m.get("max_seq_len", 2)
+  x = jax.ShapeDtypeStruct((1, time_steps, m.img_res, m.img_res, m.num_channels),
                            jnp.float32)
   model = models.create_model(model_config)
   abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -294,7 +294,10 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
   if architecture not in ARCHITECTURES:
     raise ValueError(f"architecture={architecture!r}; choose one of "
                      f"{sorted(ARCHITECTURES)} (the original's MODEL.architecture).")
-  allowed = STAGES[1:] if architecture in _SUPERVISED_ONLY else STAGES
+  # "pretrain" is the original's train_stage 0; "finetune" / "supervised" are train_stage 2
+  # (for UNET3D, which has no stages, the network itself).
+  allowed = (segmenter.STAGES[1:] if architecture in _SUPERVISED_ONLY
+             else segmenter.STAGES)
   if stage not in allowed:
     raise ValueError(f"stage={stage!r} for {architecture}; choose one of {allowed} "
                      "('pretrain' is the original's train_stage 0, 'finetune' stage 2).")
@@ -310,19 +313,43 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
   if img_res is not None and sizes.setdefault("img_res", img_res) != img_res:
     raise ValueError(f"img_res={img_res} but the spatial position embedding in the "
                      f"weights is for {sizes['img_res']}x{sizes['img_res']} images.")
-  model_config = ml_collections.ConfigDict(common.get_config().model.to_dict())
-  model_config.update(name=name, stage=stage, img_res=default_res, stride=stride,
-                      dilation=dilation, groups=groups, norm_emb=norm_emb)
+  # Only what the weights and the arguments tell: a run's config.model takes these over.
+  model_config = ml_collections.ConfigDict(dict(
+      name=name, stage=stage, img_res=default_res, stride=stride, dilation=dilation,
+      groups=groups, norm_emb=norm_emb))
   model_config.update(sizes)
+  entries = _entries(architecture, pretrain, model_config)
+  return model_config, build_variables(arrays, entries, model_config,
+                                       f"{architecture} ({stage})", sizes)
+
+
+def build_variables(arrays: Mapping[str, np.ndarray], entries: list,
+                    model_config: ml_collections.ConfigDict, network: str,
+                    sizes: Mapping[str, int]) -> dict[str, Any]:
+  """The variables of `models.create_model(model_config)` from a state dict's arrays.
+
+  Args:
+    arrays: PyTorch names -> numpy arrays.
+    entries: (our leaf path or None to drop, PyTorch key(s), kind of `_KINDS`) for every
+      entry of the state dict.
+    model_config: the network the arrays are converted for.
+    network: its name for messages, e.g. "UNET3Df (pretrain)".
+    sizes: the model fields inferred from the arrays, for messages.
+
+  Returns:
+    {"params": ..., "batch_stats": ...}, float32 numpy leaves.
+
+  Raises:
+    ValueError: naming every missing, unexpected or misshapen entry.
+  """
   expected = _variable_shapes(model_config)
-  leaves, problems = _convert_entries(
-      arrays, _entries(architecture, pretrain, model_config), expected)
+  leaves, problems = _convert_entries(arrays, entries, expected)
   if problems:
     raise ValueError(
-        f"The state dict does not fit {architecture} ({stage}) with "
-        f"{dict(sorted(sizes.items()))} (inferred from its shapes); "
-        f"{len(problems)} problem(s):\n  " + "\n  ".join(problems[:30]))
-  if set(leaves) != set(expected):  # A gap in the name tables above.
+        f"The state dict does not fit {network} with {dict(sorted(sizes.items()))} "
+        f"(inferred from its shapes); {len(problems)} problem(s):\n  "
+        + "\n  ".join(problems[:30]))
+  if set(leaves) != set(expected):  # A gap in the name tables.
     raise RuntimeError(f"No PyTorch source for {sorted(set(expected) - set(leaves))}.")
   variables = {}
   for path, value in leaves.items():
@@ -330,7 +357,7 @@ def from_deepsat(state_dict: Mapping[str, Any], architecture: str, stage: str, *
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = value
-  return model_config, variables
+  return variables
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -369,12 +396,21 @@ def convert_checkpoint(checkpoint: str, workdir: str, architecture: str, stage: 
     **options: keyword arguments of `from_deepsat` (stride, dilation, groups, ...).
 
   Returns:
-    The full config (configs/common.py) with the converted network's config.model.
+    {"model": the converted network's config.model}, as written to config.json.
   """
   model_config, variables = from_deepsat(load_state_dict(checkpoint), architecture, stage,
                                          **options)
-  config = common.get_config()
-  config.model.update(model_config.to_dict())
+  return save_converted(workdir, model_config, variables)
+
+
+def save_converted(workdir: str, model_config: ml_collections.ConfigDict,
+                   variables: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Saves converted variables as `<workdir>/checkpoints/0` (+ config.json holding the model).
+
+  Returns:
+    The saved config: {"model": model_config}.
+  """
+  config = ml_collections.ConfigDict({"model": model_config})
   manager = checkpoints.create_manager(workdir, keep=1, best_metric="loss", best_mode="min")
   if manager.latest_step() is not None:
     raise ValueError(f"{workdir} already holds checkpoints; pass a new --workdir.")
@@ -390,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", required=True, help=".pth saved by the original code")
   parser.add_argument("--architecture", required=True, choices=sorted(ARCHITECTURES))
-  parser.add_argument("--stage", required=True, choices=STAGES,
+  parser.add_argument("--stage", required=True, choices=segmenter.STAGES,
                       help="pretrain = train_stage 0, finetune = train_stage 2")
   parser.add_argument("--workdir", required=True, help="new directory for the checkpoint")
   parser.add_argument("--cscl_win_stride", type=int, default=1)
@@ -406,12 +442,16 @@ def main(argv: Sequence[str] | None = None) -> None:
       stride=args.cscl_win_stride, dilation=args.cscl_win_dilation, groups=args.attn_groups,
       norm_emb=args.norm_emb == "true", img_res=args.img_res, num_classes=args.num_classes,
       heads=args.heads)
-  default = common.get_config().model
+  print(next_steps(args.workdir, config))
+
+
+def next_steps(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """What was written and the --config flags that fine-tuning from it needs."""
   fields = " ".join(f"--config.model.{k}={v}" for k, v in sorted(config.model.items())
-                    if k != "stage" and v != default[k])
-  print(f"Wrote {os.path.join(args.workdir, checkpoints.CHECKPOINT_DIR)} (step 0) and "
-        f"{checkpoints.CONFIG_FILE}. Fine-tune with --config.init_from={args.workdir} "
-        f"and the same model fields: {fields or '(the defaults)'}")
+                    if k != "stage")
+  return (f"Wrote {os.path.join(workdir, checkpoints.CHECKPOINT_DIR)} (step 0) and "
+          f"{checkpoints.CONFIG_FILE}. Fine-tune with --config.init_from={workdir} "
+          f"and the same model fields: {fields}")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def _biconvgru_entries() -> list:
   for ours, theirs in (("forward", "forward_model"), ("backward", "backward_model")):
     for gate in ("reset_gate", "update_gate", "out_gate"):
       entries += _weight_bias((ours, gate), f"{theirs}.cell_list.0.{gate}")
-  head = [(("params", "head", "Conv_0", "kernel"), "outconv.weight", "kernel"),
-          (("params", "head", "Conv_0", "bias"), "outconv.bias", "copy")]
+  head = [(("params", "head", "conv", "kernel"), "outconv.weight", "kernel"),
+          (("params", "head", "conv", "bias"), "outconv.bias", "copy")]
   return entries + head
 
 

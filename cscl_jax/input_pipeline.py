@@ -6,8 +6,8 @@ pre-processing (SPEC.md §4):
   inputs  float32 [T, S, S, C+1] the dataset's C bands x REFLECTANCE_SCALE (in the order of its
                                  info.metadata["bands"]), then doy / DOY_SCALE; the time
                                  axis cut to T = max_seq_len dates (config.dataset.time_sampling:
-                                 "first": the first T, as the reference; "even": T spread evenly
-                                 over the season) or zero-padded;
+                                 "first": the first T, as the reference; "even": T evenly spaced
+                                 by index, first and last kept) or zero-padded;
                                  S = img_res, a random crop for training, the centre for eval.
   labels  int32   [S, S]         class index, num_classes = unknown.
   valid   bool    [S, S]         labels != num_classes.
@@ -21,11 +21,18 @@ a seed from (config.seed, e) and cut into whole batches, so step s is batch s % 
 of epoch s // steps_per_epoch. Resuming at `start_step` skips the examples of the batches
 already seen before they are pre-processed, and crops and flips use stateless seeds from
 (shuffle seed, position in the epoch): a resumed run sees exactly the batches an uninterrupted
-one would. Eval iterators make one pass over the split in order (remainder dropped).
+one would.
+
+Eval iterators make one pass over the split in order. Every process yields the same number of
+batches (collectives need that); the last ones are padded with blank examples whose
+`example_mask` is False and whose pixels are all invalid, as flax's imagenet example pads, so
+every example of the split counts exactly once on any number of processes and devices.
 """
 
 import dataclasses
-from typing import Iterator
+import math
+import os
+from typing import Any, Iterator
 
 from absl import logging
 import jax
@@ -56,12 +63,15 @@ class SitsInfo:
     num_examples: examples per split, all processes together.
     image_size: (H, W) of the stored images.
     bands: the image's bands, in channel order; the inputs append day of year.
+    builder: the prepared TFDS builder (`create_split(..., info=info)` reads through it
+      instead of opening and checking the dataset again).
   """
   num_classes: int
   class_names: tuple[str, ...]
   num_examples: dict[str, int]
   image_size: tuple[int, int]
   bands: tuple[str, ...]
+  builder: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @property
   def unknown_label(self) -> int:
@@ -74,11 +84,12 @@ class SitsInfo:
     return tuple(self.bands.index(b) for b in rgb) if set(rgb) <= set(self.bands) else (0, 1, 2)
 
 
-def _build_command(config: ml_collections.ConfigDict) -> str:
+def _build_command(config: ml_collections.ConfigDict, **flags: str) -> str:
+  """The `tfds build` command line of config.dataset; `flags` override its flags."""
   d = config.dataset
-  command = (f"python -m tensorflow_datasets.scripts.cli.main build tfds_builders/{d.name} "
-             f"--config={d.config}")
-  return command + "".join(f" --{k}={d[k]}" for k in ("data_dir", "manual_dir") if d[k])
+  flags = {**{k: d[k] for k in ("data_dir", "manual_dir") if d[k]}, **flags}
+  return (f"python -m tensorflow_datasets.scripts.cli.main build tfds_builders/{d.name} "
+          f"--config={d.config}" + "".join(f" --{k}={v}" for k, v in flags.items()))
 
 
 def _generated_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -105,7 +116,9 @@ def _prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
     if jax.process_count() > 1:
       raise RuntimeError(f"{d.name}/{d.config} is not prepared in {builder.data_dir}; build it "
                          f"once before a multi-process run: {_build_command(config)}")
-    logging.info("Preparing %s/%s in %s.", d.name, d.config, builder.data_dir)
+    _check_manual_dir(config, builder)
+    logging.info("Preparing %s/%s in %s (only on first use).", d.name, d.config,
+                 builder.data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=d.manual_dir))
   return builder
@@ -122,17 +135,33 @@ def _bands(builder) -> tuple[str, ...]:
   return bands
 
 
+def _check_manual_dir(config, builder) -> None:
+  """One clear error where a dataset downloaded by hand is not in its manual dir."""
+  instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  if not instructions:
+    return
+  manual_dir = config.dataset.manual_dir or os.path.join(builder.data_dir_root, "downloads",
+                                                         "manual")
+  if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+    raise ValueError(
+        f"{config.dataset.name} is downloaded by hand, and its manual dir {manual_dir!r} "
+        f"{'is empty' if os.path.isdir(manual_dir) else 'does not exist'}. "
+        f"{instructions.strip()}\nThen pass --config.dataset.manual_dir=<that folder>, or "
+        f"build it once: {_build_command(config, manual_dir='<that folder>')}")
+
+
 def _info_and_check(config, builder) -> SitsInfo:
   """Reads the dataset's info; raises one error listing every config field that misfits."""
   d = config.dataset
   first = next(iter(builder.info.splits))
-  labels = next(iter(builder.as_dataset(split=first).take(1)))["labels"]
+  # No auto-cache: reading one example of a cached dataset makes tf.data warn.
+  one = builder.as_dataset(split=first, read_config=tfds.ReadConfig(try_autocache=False))
+  labels = next(iter(one.take(1)))["labels"]
   info = SitsInfo(
       num_classes=len(builder.info.metadata["class_names"]),
       class_names=tuple(builder.info.metadata["class_names"]),
       num_examples={s: v.num_examples for s, v in builder.info.splits.items()},
-      image_size=tuple(labels.shape),
-      bands=_bands(builder))
+      image_size=tuple(labels.shape), bands=_bands(builder), builder=builder)
   problems = [f"split {s!r} (config.dataset.{k}) does not exist; the splits are "
               f"{sorted(info.num_examples)}"
               for k, s in (("train_split", d.train_split), ("eval_split", d.eval_split))
@@ -179,7 +208,7 @@ def _batch_shape(config) -> tuple[int, int]:
 
 
 def _time_indices(num_dates: tf.Tensor, max_len: int, sampling: str) -> tf.Tensor:
-  """Dates to keep, at most max_len: the first ones, or spread evenly over all of them."""
+  """Dates to keep, at most max_len: the first ones, or evenly spaced by index (not by day)."""
   kept = tf.minimum(num_dates, max_len)
   steps = tf.range(kept)  # [t]
   if sampling == "first":
@@ -246,39 +275,59 @@ def _train_dataset(records, config, per_process, start_step, steps_per_epoch, ba
   return tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
 
 
+def _eval_dataset(records, config, num_examples, batch):
+  """One ordered pass, padded with blank examples to `num_examples`; [D, b, ...] batches."""
+  real = records.map(lambda ex: {**preprocess(ex, config), "example_mask": tf.constant(True)},
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+  def blank(spec):  # Unknown labels, no valid pixel (False), zero inputs.
+    value = config.dataset.num_classes if spec.dtype.is_integer else 0
+    return tf.fill(spec.shape, tf.cast(value, spec.dtype))
+
+  padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(blank, real.element_spec))
+  return batch(real.concatenate(padding.repeat()).take(num_examples))
+
+
 def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
-                 start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                 start_step: int = 0,
+                 info: SitsInfo | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Returns an iterator of numpy batches of this process's share of `split`.
 
   Args:
     config: the run config; uses config.dataset.*, config.batch_size and config.seed.
     split: TFDS split name, e.g. config.dataset.train_split.
-    train: training (infinite, shuffled, random crops and flips) or eval (one ordered pass,
-      centre crops).
+    train: training (infinite, shuffled, random crops and flips, whole batches only) or
+      eval (one ordered pass, centre crops, the last batches padded; see module docstring).
     start_step: training step to resume at; its batch comes first.
+    info: `dataset_info(config)`, to read through its builder without opening and checking
+      the dataset again (None: open and check it).
 
   Returns:
     Batches {"inputs": float32 [D, b, T, S, S, C+1], "labels": int32 [D, b, S, S],
-    "valid": bool [D, b, S, S]}.
+    "valid": bool [D, b, S, S]}; eval batches also hold "example_mask": bool [D, b], False
+    for padding.
 
   Raises:
-    ValueError: where the config does not fit the data, or the split holds no whole batch.
+    ValueError: where the config does not fit the data, or the training split holds no
+      whole batch.
   """
-  builder = _prepared_builder(config)
-  _info_and_check(config, builder)
+  builder = (info or dataset_info(config)).builder
   devices, per_device = _batch_shape(config)
   per_process = devices * per_device
+  batch = lambda ds: (ds.batch(per_device, drop_remainder=True)
+                      .batch(devices, drop_remainder=True))
+  if not train:
+    # The largest process share sets the number of batches of every process.
+    shares = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)
+    largest = max(builder.info.splits[s].num_examples for s in shares)
+    records = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
+    ds = _eval_dataset(records, config, math.ceil(largest / per_process) * per_process, batch)
+    return iter(tfds.as_numpy(ds.prefetch(config.dataset.prefetch)))
   process_split = tfds.split_for_jax_process(split, drop_remainder=True)
   num_batches = builder.info.splits[process_split].num_examples // per_process
   if num_batches == 0:
     raise ValueError(f"Split {split!r} of {config.dataset.name} holds fewer examples per "
                      f"process than one batch of {per_process}; lower config.batch_size.")
   records = builder.as_dataset(split=process_split, shuffle_files=False)
-  batch = lambda ds: (ds.batch(per_device, drop_remainder=True)
-                      .batch(devices, drop_remainder=True))
-  if train:
-    ds = _train_dataset(records, config, per_process, start_step, num_batches, batch)
-  else:
-    ds = batch(records.map(lambda ex: preprocess(ex, config),
-                           num_parallel_calls=tf.data.AUTOTUNE))
+  ds = _train_dataset(records, config, per_process, start_step, num_batches, batch)
   return iter(tfds.as_numpy(ds.prefetch(config.dataset.prefetch)))

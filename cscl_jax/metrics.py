@@ -157,3 +157,21 @@ def similarity_scores(sums: dict[str, float]) -> dict[str, float]:
     return float(num / den) if den else float("nan")
   return {"sim_same": ratio(sums["sim_same_sum"], sums["same_count"]),
           "sim_diff": ratio(sums["sim_diff_sum"], sums["diff_count"])}
+
+
+def per_class_scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
+  """Per-class pixel counts and scores of one confusion matrix.
+
+  Args:
+    confusion: [N, N] counts, rows true class, columns predicted class.
+
+  Returns:
+    float64 [N] arrays "pixels" (true count), "precision", "recall", "iou", "f1"; NaN where
+    the denominator is 0 (e.g. precision of a class never predicted).
+  """
+  confusion = np.asarray(confusion, np.float64)
+  tp, true_count, pred_count = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+  ratio = lambda num, den: np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
+  return {"pixels": true_count, "precision": ratio(tp, pred_count),
+          "recall": ratio(tp, true_count), "iou": ratio(tp, true_count + pred_count - tp),
+          "f1": ratio(2 * tp, true_count + pred_count)}

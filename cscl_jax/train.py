@@ -13,22 +13,20 @@ axis, losses are the global-batch losses.
   supervised: the same from random initialisation.
 """
 
-import contextlib
+from collections.abc import Iterable, Sequence
 import functools
 import itertools
 import json
 import os
-import signal
-import threading
 from typing import Any
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 from flax import jax_utils
 from flax.training import train_state
 import jax
-from jax.experimental import multihost_utils
 from jax import lax
 import jax.numpy as jnp
 import ml_collections
@@ -36,13 +34,15 @@ import numpy as np
 import optax
 
 from cscl_jax import checkpoints
+from cscl_jax import console
 from cscl_jax import cscl
 from cscl_jax import input_pipeline
 from cscl_jax import metrics
 from cscl_jax import models
+from cscl_jax import preemption
 from cscl_jax import visualize
+from cscl_jax.models import segmenter
 
-STAGES = ("pretrain", "finetune", "supervised")
 AXIS = "batch"  # The device axis of pmap, BatchNorm and the collectives.
 CSCL_LOSSES = {"contrastive": cscl.contrastive_loss, "bce": cscl.binary_contrastive_loss}
 
@@ -87,30 +87,37 @@ def compute_loss(outputs: jax.Array, batch: dict[str, jax.Array],
 
   Args:
     outputs: similarity map [b, H', W', k, k] (pretrain) or logits [b, H, W, N].
-    batch: this device's "labels" [b, H, W] and "valid" [b, H, W].
+    batch: this device's "labels" [b, H, W] and "valid" [b, H, W], and for evaluation
+      "example_mask" [b] (False for padding, which then counts nowhere).
     config: the run's config.
     axis_name: the device axis.
 
   Returns:
     (loss, sums): `lax.pmean(loss, axis_name)` is the loss of the global batch, so the
-    mean of the per-device gradients is its gradient; `sums` add up over devices.
+    mean of the per-device gradients is its gradient; `sums` add up over devices and
+    batches, and "loss_sum" / "loss_count" of the sums is the exact mean loss.
   """
   m, num_classes = config.model, config.model.num_classes
-  known = batch["valid"] & (batch["labels"] < num_classes)  # [b, H, W]
+  real = batch.get("example_mask", jnp.ones(batch["labels"].shape[:1], bool))  # [b]
+  known = batch["valid"] & (batch["labels"] < num_classes) & real[:, None, None]  # [b, H, W]
   if m.stage == "pretrain":
     window = dict(kernel_size=m.kernel_size, stride=m.stride, dilation=m.dilation)
     target = cscl.cscl_labels(batch["labels"], **window)  # [b, H', W', k, k]
-    mask = cscl.cscl_mask(known, **window) if config.cscl.use_mask else None
+    pairs = jnp.broadcast_to(real.reshape((-1,) + (1,) * (target.ndim - 1)), target.shape)
+    mask = cscl.cscl_mask(known, **window) & pairs if config.cscl.use_mask else pairs
+    # The loss is a mean over all b * H' * W' * K entries, masked ones counting as zeros.
     loss = CSCL_LOSSES[config.cscl.loss](outputs, target, mask,
                                          pos_weight=config.cscl.pos_weight)
-    return loss, metrics.similarity_sums(outputs, target, mask)
+    sums = {"loss_sum": loss * target.size,
+            "loss_count": jnp.sum(pairs, dtype=jnp.float32)}
+    return loss, {**sums, **metrics.similarity_sums(outputs, target, mask)}
   logits = outputs.astype(jnp.float32)
   labels = jnp.where(known, batch["labels"], 0)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [b, H, W]
-  sums = {"ce_sum": jnp.sum(ce * known), "known_count": jnp.sum(known, dtype=jnp.float32)}
+  sums = {"loss_sum": jnp.sum(ce * known), "loss_count": jnp.sum(known, dtype=jnp.float32)}
   # Mean over the known pixels of ALL devices: this device's share, times the device count.
-  total = jnp.maximum(lax.psum(sums["known_count"], axis_name), 1.0)
-  return sums["ce_sum"] / total * lax.psum(1, axis_name), sums
+  total = jnp.maximum(lax.psum(sums["loss_count"], axis_name), 1.0)
+  return sums["loss_sum"] / total * lax.psum(1, axis_name), sums
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
@@ -128,12 +135,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     The new state and the step's metrics ("loss", "grad_norm" and sums; identical on
     every device).
   """
+  # Dropout (U-TAE's L-TAE): a different mask on every step and device.
+  dropout_rng = jax.random.fold_in(jax.random.fold_in(
+      jax.random.key(config.seed), state.step), lax.axis_index(axis_name))
+
   def loss_fn(params):
     # A frozen encoder runs in inference mode: BatchNorm normalises with its running
-    # statistics and leaves them unchanged (the head has neither BatchNorm nor dropout).
+    # statistics and leaves them unchanged, without dropout (the heads have neither).
     outputs, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["inputs"],
-        train=not config.freeze_encoder, mutable=["batch_stats"])
+        train=not config.freeze_encoder, mutable=["batch_stats"],
+        rngs={"dropout": dropout_rng})
     loss, sums = compute_loss(outputs, batch, config, axis_name)
     # The global loss. Under shard_map its gradient w.r.t. the replicated params is
     # already the global gradient (the pmean below leaves it as is); under pmap each
@@ -153,20 +165,29 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
               axis_name: str) -> tuple[dict[str, jax.Array], jax.Array]:
   """Evaluates this device's share of a batch.
 
+  Args:
+    state: the replicated train state.
+    batch: "inputs" [b, T, H, W, C], "labels" [b, H, W], "valid" [b, H, W] and optionally
+      "example_mask" [b] (False for padding examples, which count nowhere).
+    config: the run's config.
+    axis_name: the device axis.
+
   Returns:
-    (sums, outputs): sums over the global batch (the "loss" entry is its mean loss; for
-    segmentation "confusions" [3, N, N] for all / boundary / interior pixels), and this
-    device's outputs: similarity maps (pretrain) or predicted classes [b, H, W].
+    (sums, outputs): sums over the global batch ("loss_sum", "loss_count"; for
+    segmentation "confusions" [3, N, N] for all / boundary / interior pixels; for
+    pre-training the similarity sums), and this device's outputs: similarity maps
+    (pretrain) or predicted classes [b, H, W].
   """
   outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                            batch["inputs"], train=False)
-  loss, sums = compute_loss(outputs, batch, config, axis_name)
+  _, sums = compute_loss(outputs, batch, config, axis_name)
   if config.model.stage != "pretrain":
     outputs = jnp.argmax(outputs, axis=-1)
+    real = batch.get("example_mask", jnp.ones(outputs.shape[:1], bool))
     known = batch["valid"] & (batch["labels"] < config.model.num_classes)
     sums["confusions"] = metrics.segmentation_confusions(
-        batch["labels"], outputs, known, config.model.num_classes)
-  return {**lax.psum(sums, axis_name), "loss": lax.pmean(loss, axis_name)}, outputs
+        batch["labels"], outputs, known & real[:, None, None], config.model.num_classes)
+  return lax.psum(sums, axis_name), outputs
 
 
 def summarize_train(history: list[dict[str, np.ndarray]], first_step: int) -> dict[str, float]:
@@ -188,26 +209,38 @@ def summarize_train(history: list[dict[str, np.ndarray]], first_step: int) -> di
   return summary
 
 
-def evaluate(p_eval_step: Any, state: TrainState, batches: Any, class_names: list[str],
+def evaluate(p_eval_step: Any, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
+             *, class_names: Sequence[str],
              stage: str) -> tuple[dict[str, float], dict[str, np.ndarray], np.ndarray]:
-  """Runs the replicated eval step over `batches`.
+  """Runs the replicated eval step over `batches` and scores the sums.
+
+  Args:
+    p_eval_step: `eval_step` under `jax.pmap` (config and axis bound).
+    state: the replicated train state.
+    batches: [D, b, ...] batches, e.g. `input_pipeline.create_split(..., train=False)`;
+      examples whose "example_mask" is False (padding) count nowhere.
+    class_names: the dataset's class names (per-class IoU names).
+    stage: config.model.stage.
 
   Returns:
-    (scores, first_batch, first_outputs): a flat dict of named numbers, and the first
-    batch and its outputs on the host, flattened over devices (for the plots).
+    (scores, examples, outputs): a flat dict of named numbers ("loss" is the exact mean
+    over the whole split), and the real examples of the first batch and their outputs on
+    the host, flattened over devices (for the plots).
   """
-  totals, first, num_batches = None, None, 0
-  for num_batches, batch in enumerate(batches, start=1):
+  totals, first = None, None
+  for batch in batches:
     sums, outputs = p_eval_step(state, batch)
     sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), jax.device_get(sums))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    if first is None:  # [D, b, ...] -> [D * b, ...]
-      first = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]),
-                           (batch, jax.device_get(outputs)))
+    if first is None:  # [D, b, ...] -> [D * b, ...], real examples only
+      flat = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]),
+                          (batch, jax.device_get(outputs)))
+      real = flat[0].get("example_mask", np.ones(len(flat[1]), bool))
+      first = jax.tree.map(lambda x: x[real], flat)
   if totals is None:
-    raise ValueError("The eval split gave no batch: check config.dataset.eval_split and "
-                     "config.batch_size.")
-  scores = {"loss": float(totals["loss"] / num_batches)}
+    raise ValueError("The eval split gave no batch: check config.dataset.eval_split.")
+  count = totals["loss_count"]
+  scores = {"loss": float(totals["loss_sum"] / count) if count else float("nan")}
   if stage == "pretrain":
     scores.update(metrics.similarity_scores(totals))
   else:
@@ -215,44 +248,18 @@ def evaluate(p_eval_step: Any, state: TrainState, batches: Any, class_names: lis
   return scores, first[0], first[1]
 
 
-@contextlib.contextmanager
-def _stop_requests():
-  """Turns a first SIGINT/SIGTERM into a request to save and stop after this step."""
-  requested = threading.Event()
-
-  def handler(signum, frame):
-    del frame
-    if requested.is_set():  # A second signal: stop at once.
-      raise KeyboardInterrupt
-    logging.warning("Signal %d: saving a checkpoint after this step, then stopping.", signum)
-    requested.set()
-
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-  try:
-    yield requested
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
-
-
-def _stop_agreed(requested: bool, step: int, every: int) -> bool:
-  """Whether to stop after `step`: at once with one process; with several, all together.
-
-  Each host gets its own SIGTERM, maybe steps apart, and a stop (a collective save) that
-  not every process takes deadlocks the run. So processes agree every `every` steps, where
-  the loop waits for the devices anyway, and stop when any of them was asked to.
-  """
-  if jax.process_count() == 1:
-    return requested
-  if step % every:
-    return False
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))
+def write_metrics(path: str, step: int, scores: dict[str, float]) -> None:
+  """Writes {"step", **scores} as JSON to `path` (local or gs://), NaN as null."""
+  finite = {k: v if np.isfinite(v) else None for k, v in scores.items()}
+  epath.Path(path).write_text(json.dumps({"step": step, **finite}, indent=2,
+                                         allow_nan=False))
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
   """One clear error for a config the loop cannot run."""
-  if config.model.stage not in STAGES:
-    raise ValueError(f"config.model.stage={config.model.stage!r}; use one of {STAGES}.")
+  if config.model.stage not in segmenter.STAGES:
+    raise ValueError(f"config.model.stage={config.model.stage!r}; use one of "
+                     f"{segmenter.STAGES}.")
   if config.cscl.loss not in CSCL_LOSSES:
     raise ValueError(f"config.cscl.loss={config.cscl.loss!r}; use one of "
                      f"{sorted(CSCL_LOSSES)}.")
@@ -268,24 +275,39 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"These must be >= 1: {every}.")
 
 
+def check_model_shapes(model: Any, config: ml_collections.ConfigDict) -> int:
+  """Traces the model's init (no compute) so that a shape error comes before the data.
+
+  Returns:
+    The number of parameters.
+
+  Raises:
+    ValueError: from the model, e.g. an img_res or max_seq_len it cannot take.
+  """
+  m = config.model
+  x = jax.ShapeDtypeStruct((1, m.max_seq_len, m.img_res, m.img_res, m.num_channels),
+                           jnp.float32)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["params"]))
+
+
 def _eval_and_report(p_eval_step, state, step, config, workdir, info, writer):
   """Evaluates, writes scalars, a PNG of a few samples and metrics.json; returns scores."""
-  batches = input_pipeline.create_split(config, config.dataset.eval_split, train=False)
+  batches = input_pipeline.create_split(config, config.dataset.eval_split, train=False,
+                                        info=info)
   if config.num_eval_batches > 0:
     batches = itertools.islice(batches, config.num_eval_batches)
-  scores, batch, outputs = evaluate(p_eval_step, state, batches, info.class_names,
-                                    config.model.stage)
+  scores, batch, outputs = evaluate(p_eval_step, state, batches,
+                                    class_names=info.class_names, stage=config.model.stage)
   writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-  logging.info("Eval at step %d: %s", step, ", ".join(
-      f"{k}={v:.4f}" for k, v in scores.items() if "iou/" not in k))
+  logging.info("Eval at step %d: %s", step, console.headline(scores))
   if jax.process_index() == 0:
     n, num_classes = config.num_plot_samples, config.model.num_classes
     plot = (visualize.plot_similarity if config.model.stage == "pretrain"
             else visualize.plot_segmentation)
     plot(os.path.join(workdir, "plots", f"eval_{step:07d}.png"), batch["inputs"][:n],
          batch["labels"][:n], outputs[:n], num_classes, rgb=info.rgb_channels)
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump({"step": step, **scores}, f, indent=2)
+    write_metrics(os.path.join(workdir, "metrics.json"), step, scores)
   return scores
 
 
@@ -294,13 +316,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Args:
     config: see configs/common.py.
-    workdir: where checkpoints, TensorBoard events, plots and metrics.json go.
+    workdir: where checkpoints, TensorBoard events, plots and metrics.json go (a local
+      path or a gs:// URL).
 
   Returns:
     The final evaluation metrics (also written to `<workdir>/metrics.json`).
+
+  Raises:
+    preemption.Stopped: after a Ctrl-C / SIGTERM, once the current step's checkpoint is
+      saved.
   """
   _check_config(config)
   m = config.model
+  model = models.create_model(m, dtype=jnp.dtype(config.dtype), axis_name=AXIS)
+  num_params = check_model_shapes(model, config)  # Before the data, which takes longer.
   info = input_pipeline.dataset_info(config)
   steps_per_epoch = (config.steps_per_epoch if config.steps_per_epoch > 0 else
                      info.num_examples[config.dataset.train_split] // config.batch_size)
@@ -308,20 +337,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.num_epochs * steps_per_epoch)
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)
-  model = models.create_model(m, dtype=jnp.dtype(config.dtype), axis_name=AXIS)
   learning_rate_fn = learning_rate_schedule(config, steps_per_epoch)
   # The "rbg" generator compiles the initialisers ~5x faster than threefry on CPU.
   rng = jax.random.key(config.seed, impl="rbg")
   state = create_train_state(rng, config, model, learning_rate_fn)
 
-  best_metric, best_mode = ("loss", "min") if m.stage == "pretrain" else ("miou", "max")
+  best_metric, best_mode = checkpoints.best_metric(m.stage)
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints,
                                        best_metric=best_metric, best_mode=best_mode)
   checkpoints.check_config(workdir, config, manager.latest_step() is not None)
   restored = checkpoints.restore_latest(manager, state)
   if restored is not None:
     state = restored
-    logging.info("Resumed from step %d of %s.", int(state.step), manager.directory)
   elif m.stage == "finetune":
     if not config.init_from:
       raise ValueError("Fine-tuning needs a pre-trained encoder: pass "
@@ -330,11 +357,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                    state.batch_stats)
     state = state.replace(params=params, batch_stats=batch_stats)
   start_step = int(state.step)
-  logging.info("Training %s from step %d to %d (%d steps per epoch).", m.stage,
-               start_step, num_steps, steps_per_epoch)
+  for line in console.run_lines(config, workdir, info, num_params, steps_per_epoch, start_step,
+                         num_steps):
+    logging.info(line)
 
   train_iter = input_pipeline.create_split(config, config.dataset.train_split, train=True,
-                                           start_step=start_step)
+                                           start_step=start_step, info=info)
   p_train_step = jax.pmap(functools.partial(train_step, config=config, axis_name=AXIS),
                           axis_name=AXIS, donate_argnums=(0,))
   p_eval_step = jax.pmap(functools.partial(eval_step, config=config, axis_name=AXIS),
@@ -348,11 +376,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       workdir=workdir, info=info, writer=writer)
   history, scores, eval_done_at = [], {}, None
   try:
-    with _stop_requests() as stop:
+    with preemption.stop_requests() as signals:
       for step in range(start_step + 1, num_steps + 1):
         state, step_metrics = p_train_step(state, next(train_iter))
+        if history:  # At most two steps queued on the devices, so that a stop request
+          jax.block_until_ready(history[-1])  # is acted on within a step or two.
         history.append(step_metrics)
-        stop_now = _stop_agreed(stop.is_set(), step, config.log_every_steps)
+        stop_now = preemption.stop_agreed(bool(signals), step, config.log_every_steps)
         do_eval = step == num_steps or step % config.eval_every_steps == 0
         do_save = do_eval or stop_now or step % config.checkpoint_every_steps == 0
         if do_save or step % config.log_every_steps == 0:
@@ -369,11 +399,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           checkpoints.save(manager, step, jax_utils.unreplicate(state),
                            scores if eval_done_at == step else None)
         if stop_now:
-          raise KeyboardInterrupt(f"Stopped at step {step}; saved a checkpoint there. "
-                                  "Run the same command again to resume.")
+          raise preemption.Stopped(step, signals)
     if eval_done_at is None:  # Resumed a finished run: evaluate what it left.
       scores = eval_and_report(state, start_step)
   finally:
     manager.wait_until_finished()
-    writer.flush()
+    manager.close()
+    writer.close()
+  for line in console.final_lines(workdir, manager, num_steps, scores):
+    logging.info(line)
   return scores
+
+
+def restore_state(workdir: str, config: ml_collections.ConfigDict,
+                  checkpoint: str) -> tuple[TrainState, int]:
+  """Restores checkpoint "best" | "latest" | "<step>" of the run in `workdir`.
+
+  Args:
+    workdir: a training run's directory.
+    config: the run's config (`checkpoints.load_config(workdir)`).
+    checkpoint: "best" (by the run's validation metric), "latest" or a step number.
+
+  Returns:
+    (state with numpy leaves, its step).
+  """
+  model = models.create_model(config.model, dtype=jnp.dtype(config.dtype), axis_name=AXIS)
+  abstract = jax.eval_shape(lambda: create_train_state(
+      jax.random.key(0, impl="rbg"), config, model, learning_rate_schedule(config, 1)))
+  step = checkpoints.find_step(workdir, checkpoint, config.model.stage)
+  return checkpoints.restore_step(workdir, step, abstract), step

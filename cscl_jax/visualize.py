@@ -6,8 +6,7 @@ One row per sample: an RGB composite (the channels of B04, B03, B02 of a mid-sea
 (pre-training: low values should trace parcel boundaries).
 """
 
-import os
-
+from etils import epath
 import matplotlib
 matplotlib.use("Agg")
 from matplotlib import colors  # pylint: disable=g-import-not-at-top
@@ -29,13 +28,17 @@ def rgb_composite(inputs: np.ndarray, rgb: tuple[int, int, int] = (0, 1, 2)) -> 
   return np.clip((image - low) / max(high - low, 1e-6), 0, 1)
 
 
+def class_colors(num_classes: int) -> np.ndarray:
+  """RGBA colours in [0, 1] of the classes, [N, 4]: tab20 (repeating after 20 classes)."""
+  return plt.get_cmap("tab20")(np.arange(num_classes) % 20)
+
+
 def _label_colors(num_classes: int) -> colors.ListedColormap:
   """tab20 colours for the classes, black for unknown (index num_classes)."""
-  palette = plt.get_cmap("tab20")(np.arange(num_classes) % 20)
-  return colors.ListedColormap(np.concatenate([palette, [[0, 0, 0, 1]]]))
+  return colors.ListedColormap(np.concatenate([class_colors(num_classes), [[0, 0, 0, 1]]]))
 
 
-def _save(path: str, panels: list[list[tuple[str, np.ndarray, dict]]]) -> None:
+def _save(path: str | epath.Path, panels: list[list[tuple[str, np.ndarray, dict]]]) -> None:
   """Saves a grid of images: panels[row][col] = (title, image, imshow kwargs)."""
   rows, cols = len(panels), len(panels[0])
   fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows), squeeze=False)
@@ -46,9 +49,16 @@ def _save(path: str, panels: list[list[tuple[str, np.ndarray, dict]]]) -> None:
         fig.colorbar(shown, ax=ax, fraction=0.046)
       ax.set_title(title, fontsize=9)
       ax.axis("off")
+  _write_png(fig, path, dpi=80)
+
+
+def _write_png(fig: plt.Figure, path: str | epath.Path, dpi: int) -> None:
+  """Saves and closes `fig` as a PNG, local or in a bucket (gs://...) alike."""
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=80)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    fig.savefig(f, dpi=dpi, format="png")
   plt.close(fig)
 
 
@@ -96,3 +106,31 @@ def plot_similarity(path: str, inputs: np.ndarray, labels: np.ndarray, sim: np.n
              ("mean sim. to neighbours", s, {"cmap": "viridis"})]
             for x, y, s in zip(inputs, labels, neighbours.mean(axis=-1))]
   _save(path, panels)
+
+
+def plot_confusion(path: str, confusion: np.ndarray, class_names: list[str]) -> None:
+  """Saves the row-normalised confusion matrix (recall on the diagonal) with class names.
+
+  Args:
+    path: PNG file to write.
+    confusion: [N, N] counts, rows true class, columns predicted class.
+    class_names: the N class names.
+  """
+  confusion = np.asarray(confusion, np.float64)
+  totals = confusion.sum(axis=1, keepdims=True)
+  normalised = np.divide(confusion, totals, out=np.zeros_like(confusion), where=totals > 0)
+  n = len(class_names)
+  fig, ax = plt.subplots(figsize=(2 + 0.45 * n, 1.5 + 0.45 * n))
+  shown = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+  fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
+  ticks = np.arange(n)
+  ax.set_xticks(ticks, class_names, rotation=90, fontsize=8)
+  ax.set_yticks(ticks, class_names, fontsize=8)
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  if n <= 25:
+    for (i, j), value in np.ndenumerate(normalised):
+      if value >= 0.005:
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                color="white" if value > 0.5 else "black")
+  _write_png(fig, path, dpi=100)

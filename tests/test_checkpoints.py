@@ -3,6 +3,8 @@
 import json
 import os
 
+from etils.epath import testing as epath_testing
+import jax
 import numpy as np
 import pytest
 
@@ -90,20 +92,55 @@ def test_load_encoder_without_checkpoint(tmp_path):
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_check_config(tmp_path):
+def test_check_config(tmp_path, caplog):
   workdir = str(tmp_path)
   config = test_config.get_config()
   checkpoints.check_config(workdir, config, has_checkpoint=False)
   with open(tmp_path / checkpoints.CONFIG_FILE) as f:
-    assert json.load(f)["model"]["stage"] == "pretrain"
-  config.num_train_steps = 100  # Training longer is fine.
-  checkpoints.check_config(workdir, config, has_checkpoint=True)
+    saved = json.load(f)
+  assert saved["model"]["stage"] == "pretrain" and saved["process_count"] == 1
+  config.num_train_steps = 100  # Training longer is fine, and said.
+  with caplog.at_level("WARNING"):
+    checkpoints.check_config(workdir, config, has_checkpoint=True)
+  assert "num_train_steps: 4 in the workdir, 100 now" in caplog.text
   config.model.stage = "finetune"
   config.model.num_features = 3
-  with pytest.raises(ValueError, match="different model/stage") as error:
+  with pytest.raises(ValueError, match="another run") as error:
     checkpoints.check_config(workdir, config, has_checkpoint=True)
   assert "model.stage: 'pretrain' in the workdir, 'finetune' now" in str(error.value)
   assert "model.num_features" in str(error.value)
   os.remove(tmp_path / checkpoints.CONFIG_FILE)
   with pytest.raises(ValueError, match="no config.json"):
     checkpoints.check_config(workdir, config, has_checkpoint=True)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", 1), ("batch_size", 16), ("dataset.config", "small"),
+    ("dataset.shuffle_buffer", 8), ("dataset.time_sampling", "first"),
+    ("dataset.train_split", "test"), ("process_count", 2)])
+def test_resuming_with_another_data_order_is_refused(tmp_path, monkeypatch, field, value):
+  config = test_config.get_config()
+  checkpoints.check_config(str(tmp_path), config, has_checkpoint=False)
+  if field == "process_count":
+    monkeypatch.setattr(jax, "process_count", lambda: value)
+  else:
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match="same model and data order") as error:
+    checkpoints.check_config(str(tmp_path), config, has_checkpoint=True)
+  assert f"{field}: " in str(error.value) and f"{value!r} now" in str(error.value)
+  assert "new --workdir" in str(error.value)
+
+
+def test_config_json_goes_through_epath(tmp_path):
+  """The workdir's files are written through etils.epath, so gs:// workdirs work."""
+  opened = []
+
+  def record(open_fn, path, mode):
+    opened.append(os.path.basename(str(path)))
+    return open_fn(path, mode)
+
+  with epath_testing.mock_epath(open=record):
+    checkpoints.check_config(str(tmp_path), test_config.get_config(), has_checkpoint=False)
+  assert checkpoints.CONFIG_FILE + ".tmp" in opened
+  assert (tmp_path / checkpoints.CONFIG_FILE).exists()

@@ -1,4 +1,7 @@
-"""The launch configs: each builds and locks, and the stages of one variant fit together."""
+"""The launch configs: each builds, and the stages of one variant fit together.
+
+(That `main` locks them, so a misspelt `--config.x` fails, is tested in test_main.py.)
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,8 @@ from configs import finetune, pretrain, supervised
 from configs import test as test_config
 from cscl_jax import models
 
-VARIANTS = ("", "quick", "t31tfm", "pastis", "mtlcc", "quick_biconvgru", "quick_tsvit")
+VARIANTS = ("", "quick", "t31tfm", "pastis", "mtlcc", "quick_biconvgru", "quick_tsvit",
+            "quick_utae")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -27,7 +31,7 @@ def test_stages_of_a_variant_share_data_and_encoder_shape(variant):
     assert config.dataset.num_classes == config.model.num_classes
 
 
-@pytest.mark.parametrize("name", ["biconvgru", "tsvit"])
+@pytest.mark.parametrize("name", ["biconvgru", "tsvit", "utae"])
 def test_quick_encoder_variants_build_for_their_data(name):
   # Every stage of quick_<name> is that encoder (its own supervised baseline), on the
   # quick run's data shapes.
@@ -58,10 +62,3 @@ def test_benchmark_variants_have_the_published_shapes(variant, name, shape):
 def test_an_unknown_variant_is_refused():
   with pytest.raises(ValueError, match="'quickk'"):
     finetune.get_config("quickk")
-
-
-def test_a_misspelt_override_fails_loudly():
-  config = test_config.get_config()
-  config.lock()
-  with pytest.raises(AttributeError):
-    config.model.num_feature = 3  # pylint: disable=attribute-defined-outside-init

@@ -3,17 +3,24 @@
 The step test starts two processes with 2 CPU devices each, joined by
 `jax.distributed.initialize` (gloo collectives); they train on their halves of a fixed
 global batch and must reach the parameters that one device reaches on the whole batch.
-The loop's multi-process specifics (each process reads its own share of the data; only
-process 0 writes logs, plots and metrics.json) are checked in-process with a patched
-process index.
+The loop test runs `train.train_and_evaluate` in 2 such processes (checkpoints, evaluation
+on the padded eval split), kills a second run with SIGKILL after its first checkpoint,
+resumes it and compares its final parameters with the uninterrupted run's: equal to the
+last bit. (A 1-process run sees other batches by design: each process shuffles its own
+share of the split.) The loop's multi-process specifics (each process reads its own share
+of the data; only process 0 writes logs, plots and metrics.json) are also checked
+in-process with a patched process index.
 """
 
 import functools
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from flax import jax_utils
 import jax
@@ -22,8 +29,10 @@ import numpy as np
 import optax
 import pytest
 
+from cscl_jax import checkpoints
 from cscl_jax import input_pipeline
 from cscl_jax import models
+from cscl_jax import preemption
 from cscl_jax import train
 from configs import test as test_config
 
@@ -116,7 +125,7 @@ def child_main(out: str) -> None:
          "shard_map": functools.partial(_train_shard_map, devices=jax.devices())}
   results = {stage: run[how](_config(stage)) for stage, how in CASES}
   # Only process 1 got a SIGTERM: both stop at the next agreement step (every 2 steps).
-  stops = [train._stop_agreed(jax.process_index() == 1, step, every=2) for step in (3, 4)]
+  stops = [preemption.stop_agreed(jax.process_index() == 1, step, every=2) for step in (3, 4)]
   if jax.process_index() == 0:
     flat = {f"{stage}/{jax.tree_util.keystr(path)}": leaf for stage, params in results.items()
             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
@@ -129,15 +138,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_device(tmp_path):
-  out, port = str(tmp_path / "params.npz"), _free_port()
+def _start(child: str, *args: str) -> list[subprocess.Popen]:
+  """Starts `child` (python code) as processes 0 and 1 of a jax.distributed group."""
+  port = _free_port()
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
   # Not conftest's 8 devices (the children ask for 2 each); tiny programs compile twice as
   # fast without XLA's backend optimisations.
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
-  children = [subprocess.Popen([sys.executable, "-c", _CHILD, str(port), str(i), out],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  return [subprocess.Popen([sys.executable, "-c", child, str(port), str(i), *args],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _finish(children: list[subprocess.Popen]) -> list[str]:
+  """Waits for both processes; returns their logs."""
   try:
     logs = [child.communicate(timeout=300)[0] for child in children]
   finally:
@@ -145,6 +159,12 @@ def test_two_processes_train_like_one_device(tmp_path):
       child.kill()
   for i, child in enumerate(children):
     assert child.returncode == 0, f"process {i}:\n{logs[i][-3000:]}"
+  return logs
+
+
+def test_two_processes_train_like_one_device(tmp_path):
+  out = str(tmp_path / "params.npz")
+  _finish(_start(_CHILD, out))
   saved = np.load(out)
   assert saved["stops"].tolist() == [False, True]
   for stage, _ in CASES:
@@ -182,8 +202,9 @@ def test_each_process_reads_its_own_share(data_dir, monkeypatch):
   for index in range(2):
     _pretend_process(monkeypatch, index)
     batches = list(input_pipeline.create_split(config, "train", train=False))
-    # batch_size is global: 16 / 2 processes / 8 devices = 1 sample per device.
-    assert len(batches) == 1 and batches[0]["inputs"].shape[:2] == (8, 1)
+    # batch_size is global: 16 / 2 processes / 8 devices = 1 sample per device; 12
+    # examples per process: a second batch of 4 examples and 4 padding ones.
+    assert len(batches) == 2 and batches[0]["inputs"].shape[:2] == (8, 1)
     start = index * per_process
     np.testing.assert_array_equal(batches[0]["inputs"][:, 0], examples[start:start + 8])
 
@@ -201,7 +222,7 @@ def test_only_process_0_writes(data_dir, tmp_path, monkeypatch):
   batch = next(input_pipeline.create_split(config, "validation", train=False))
   monkeypatch.setattr(input_pipeline, "create_split", lambda *_, **__: iter([batch]))
   num_devices = batch["labels"].shape[0]
-  sums = {k: np.ones(num_devices) for k in ("loss", "sim_same_sum", "same_count",
+  sums = {k: np.ones(num_devices) for k in ("loss_sum", "loss_count", "sim_same_sum", "same_count",
                                             "sim_diff_sum", "diff_count")}
   sim = np.zeros(batch["labels"].shape + (3, 3), np.float32)
   info = input_pipeline.dataset_info(config)
@@ -217,3 +238,60 @@ def test_only_process_0_writes(data_dir, tmp_path, monkeypatch):
   assert writers == [True, False]  # process 1 only logs; process 0 writes TensorBoard
   with open(tmp_path / "metrics.json") as f:
     assert json.load(f)["step"] == 7
+
+
+# --- The whole loop in 2 processes: checkpoints, evaluation, a SIGKILL and a resume. ---
+
+_LOOP_CHILD = """
+import sys
+import jax
+port, process_id, workdir, data_dir, cache = sys.argv[1:6]
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_compilation_cache_dir", cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=int(process_id))
+from absl import logging
+logging.use_absl_handler()
+logging.set_verbosity(logging.INFO)
+import test_distributed
+from cscl_jax import train
+train.train_and_evaluate(test_distributed.loop_config(data_dir), workdir)
+"""
+LOOP_STEPS = 6
+
+
+def loop_config(data_dir: str):
+  """configs/test.py for 6 steps, a checkpoint every 2 and an eval at 3 and 6."""
+  config = _config("pretrain")
+  config.update(num_train_steps=LOOP_STEPS, checkpoint_every_steps=2, eval_every_steps=3,
+                log_every_steps=1, num_eval_batches=-1)
+  config.dataset.data_dir = data_dir
+  return config
+
+
+def _saved_params(workdir: str, step: int):
+  manager = checkpoints.create_manager(workdir, keep=1, best_metric="loss", best_mode="min")
+  return jax.tree.leaves(manager.restore(step)["params"])
+
+
+def test_two_process_loop_resumes_after_sigkill_exactly(data_dir, tmp_path):
+  input_pipeline.dataset_info(loop_config(data_dir))  # built once, before any process
+  cache, straight, killed = (str(tmp_path / d) for d in ("cache", "straight", "killed"))
+  logs = _finish(_start(_LOOP_CHILD, straight, data_dir, cache))
+  assert "Eval at step 3" in logs[0] and "Eval at step 6" in logs[0]
+  with open(os.path.join(straight, "metrics.json")) as f:
+    assert json.load(f)["step"] == LOOP_STEPS
+
+  children = _start(_LOOP_CHILD, killed, data_dir, cache)
+  first = os.path.join(killed, "checkpoints", "2")
+  while not os.path.isdir(first) and children[0].poll() is None:
+    time.sleep(0.05)
+  for child in children:  # the whole run dies at once, no chance to save
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+  logs = _finish(_start(_LOOP_CHILD, killed, data_dir, cache))
+  resumed_at = int(re.search(r"resuming at step (\d+)", logs[0]).group(1))
+  assert 2 <= resumed_at < LOOP_STEPS
+  for a, b in zip(_saved_params(straight, LOOP_STEPS), _saved_params(killed, LOOP_STEPS)):
+    np.testing.assert_array_equal(a, b)

@@ -133,17 +133,38 @@ def test_training_is_deterministic_and_resumes_without_replay(data_dir):
                             full[0]["inputs"])
 
 
-def test_processes_read_disjoint_shares(data_dir):
+@pytest.mark.parametrize("processes, batch_size", [(1, 8), (1, 16), (2, 16), (5, 40)])
+def test_eval_counts_every_example_once(data_dir, processes, batch_size):
+  """The 24 train examples, read in eval mode by each of `processes` processes."""
   config = _config(data_dir)
-  config.batch_size = 16  # 2 processes x 8 devices x 1
-  shares = []
-  for process in range(2):
-    with mock.patch.object(jax, "process_count", return_value=2), \
+  config.batch_size = batch_size  # 8 local devices
+  seen, num_batches = [], set()
+  for process in range(processes):
+    with mock.patch.object(jax, "process_count", return_value=processes), \
          mock.patch.object(jax, "process_index", return_value=process):
       batches = list(input_pipeline.create_split(config, "train", train=False))
-    assert len(batches) == 1 and batches[0]["labels"].shape == (8, 1, 16, 16)
-    shares.append({_dates(e) for e in _examples(batches)})
-  assert len(shares[0]) == len(shares[1]) == 8 and not shares[0] & shares[1]
+    num_batches.add(len(batches))
+    for example in _examples(batches):
+      if example["example_mask"]:
+        seen.append(_dates(example))
+      else:  # padding: no valid pixel, unknown labels, zero inputs
+        assert not example["valid"].any() and (example["labels"] == 12).all()
+        assert not example["inputs"].any()
+  assert len(num_batches) == 1  # every process runs the same number of eval steps
+  assert len(seen) == len(set(seen)) == 24
+
+
+def test_create_split_reads_through_the_info_it_is_given(data_dir, monkeypatch):
+  """Every evaluation reuses the run's builder: no re-opening, no re-checking."""
+  config = _config(data_dir)
+  info = input_pipeline.dataset_info(config)
+
+  def reopen(config):
+    raise AssertionError("the dataset was opened again")
+
+  monkeypatch.setattr(input_pipeline, "_prepared_builder", reopen)
+  batch = next(input_pipeline.create_split(config, "validation", train=False, info=info))
+  assert batch["labels"].shape == (8, 1, 16, 16)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -166,12 +187,25 @@ def test_bad_split_batch_and_name(data_dir):
   config.batch_size = 12
   with pytest.raises(ValueError, match="batch_size=12 must be a multiple of 1 processes x 8"):
     input_pipeline.create_split(config, "train", train=True)
-  config.batch_size = 16
+  config.batch_size, config.dataset.train_split = 16, "validation"
   with pytest.raises(ValueError, match="fewer examples per process than one batch of 16"):
-    input_pipeline.create_split(config, "validation", train=False)
+    input_pipeline.create_split(config, "validation", train=True)
   config.dataset.name = "mnist"
   with pytest.raises(ValueError, match="neither a SITS dataset"):
     input_pipeline.dataset_info(config)
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_t31tfm_1618_without_its_manual_folder(tmp_path, empty):
+  config = _config(tmp_path / "tfds", num_classes=20, img_res=48, max_seq_len=16)
+  config.dataset.name, config.dataset.config = "t31tfm_1618", "default"
+  config.dataset.manual_dir = str(tmp_path / "T31TFM_1618")
+  if empty:
+    (tmp_path / "T31TFM_1618").mkdir()
+  with pytest.raises(ValueError, match="is empty" if empty else "does not exist") as error:
+    input_pipeline.dataset_info(config)
+  assert "downloaded by hand" in str(error.value)
+  assert "build tfds_builders/t31tfm_1618 --config=default" in str(error.value)
 
 
 def test_t31tfm_1618_from_a_manual_folder(tmp_path):

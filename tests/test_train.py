@@ -4,6 +4,7 @@ Uses the tiny model of configs/test.py on 8 simulated CPU devices (see conftest.
 """
 
 import functools
+import json
 import os
 import signal
 
@@ -15,8 +16,8 @@ import pytest
 
 from cscl_jax import checkpoints
 from cscl_jax import input_pipeline
-from cscl_jax import metrics
 from cscl_jax import models
+from cscl_jax import preemption
 from cscl_jax import train
 from configs import test as test_config
 
@@ -108,18 +109,101 @@ def test_pretrain_loss_is_the_cscl_loss():
   assert sums["same_count"] == target.sum()
 
 
-def test_eval_step_confusions_over_devices():
+def _outputs(state, config, inputs):
+  """The model's eval-mode outputs, one device, no pmap."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return np.asarray(jax.jit(functools.partial(models.create_model(config.model).apply,
+                                              train=False))(variables, inputs))
+
+
+def _numpy_eval(state, config, batch):
+  """Predictions and confusion matrices of `batch` in plain numpy loops (the reference)."""
+  num_classes = config.model.num_classes
+  preds = _outputs(state, config, batch["inputs"]).argmax(-1)
+  labels, (size, height, width) = batch["labels"], batch["labels"].shape
+  confusions = np.zeros((3, num_classes, num_classes), np.int64)
+  for b, i, j in np.ndindex(size, height, width):
+    if not (batch["valid"][b, i, j] and batch["example_mask"][b]
+            and labels[b, i, j] < num_classes):
+      continue
+    window = np.pad(labels[b], 1, mode="reflect")[i:i + 3, j:j + 3]
+    subset = 1 if (window != labels[b, i, j]).any() else 2  # boundary / interior
+    for s in (0, subset):
+      confusions[s, labels[b, i, j], preds[b, i, j]] += 1
+  return preds, confusions
+
+
+def test_eval_step_predictions_and_confusions_over_devices():
   config = _config("finetune")
   state, batch = _sgd_state(config), _fake_batch(config, 16)
+  batch["example_mask"] = np.arange(16) < 13  # the last 3 are padding
   step_fn = functools.partial(train.eval_step, config=config, axis_name="batch")
   one, one_preds = _pmap_step(step_fn, state, batch, 1)
   eight, _ = _pmap_step(step_fn, state, batch, 8)
-  num_classes = config.model.num_classes
-  known = batch["valid"] & (batch["labels"] < num_classes)
-  expected = metrics.segmentation_confusions(batch["labels"], one_preds, known, num_classes)
-  np.testing.assert_array_equal(one["confusions"], expected)
-  np.testing.assert_array_equal(eight["confusions"], expected)
-  assert one["loss"] == pytest.approx(eight["loss"], rel=1e-5)
+  preds, confusions = _numpy_eval(state, config, batch)
+  np.testing.assert_array_equal(one_preds, preds)
+  assert confusions[0].sum() > 0 and confusions[1].sum() > 0 and confusions[2].sum() > 0
+  np.testing.assert_array_equal(one["confusions"], confusions)
+  np.testing.assert_array_equal(eight["confusions"], confusions)
+  for key in ("loss_sum", "loss_count"):
+    assert one[key] == pytest.approx(eight[key], rel=1e-5)
+  assert one["loss_count"] == confusions[0].sum()
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_eval_loss_is_exact_and_ignores_padding(stage):
+  """Split 11 examples as 8 + 3 padded with 5 blanks: the loss of the 11, exactly."""
+  config = _config(stage)
+  state, batch = _sgd_state(config), _fake_batch(config, 11)
+  step_fn = functools.partial(train.eval_step, config=config, axis_name="batch")
+  p_step = lambda s, b: jax.pmap(step_fn, axis_name="batch", devices=jax.devices()[:2])(
+      jax.tree.map(lambda x: np.stack([x] * 2), s), b)
+  blank = {"inputs": 0.0, "labels": config.model.num_classes, "valid": False}
+  padded = {k: np.concatenate([v, np.full((5,) + v.shape[1:], blank[k], v.dtype)])
+            for k, v in batch.items()}
+  padded["example_mask"] = np.arange(16) < 11
+  batches = [jax.tree.map(lambda x: x[i:i + 8].reshape((2, 4) + x.shape[1:]), padded)
+             for i in (0, 8)]
+  scores, examples, _ = train.evaluate(p_step, state, batches, class_names=["c"] * 12,
+                                       stage=stage)
+  assert len(examples["labels"]) == 8  # the first batch, all real
+  outputs = _outputs(state, config, batch["inputs"])
+  if stage == "finetune":  # mean cross-entropy over the known pixels of the 11 examples
+    logits = np.asarray(outputs, np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    known = batch["valid"] & (batch["labels"] < 12)
+    expected = -np.mean(np.take_along_axis(logp, np.where(known, batch["labels"], 0)[..., None],
+                                           -1)[..., 0][known])
+  else:  # SPEC.md §1.4 over the 11 examples' pairs
+    labels = np.pad(batch["labels"], ((0, 0), (1, 1), (1, 1)), constant_values=-1)
+    target = np.array([[labels[:, 1 + a:9 + a, 1 + b:9 + b] == batch["labels"]
+                        for b in (-1, 0, 1)] for a in (-1, 0, 1)]).transpose(2, 3, 4, 0, 1)
+    sim, w = np.asarray(outputs, np.float64), config.cscl.pos_weight
+    expected = np.mean((1 - target) * sim - w * target * sim)
+  assert scores["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_metrics_json_is_strict_json_with_null_for_nan(tmp_path):
+  path = str(tmp_path / "metrics.json")
+  train.write_metrics(path, 7, {"oa": 0.5, "boundary/miou": float("nan")})
+
+  def refuse(constant):
+    raise ValueError(f"{constant} is not JSON")
+
+  with open(path) as f:
+    assert json.loads(f.read(), parse_constant=refuse) == {
+        "step": 7, "oa": 0.5, "boundary/miou": None}
+
+
+def test_model_shapes_are_checked_before_the_data(tmp_path, monkeypatch):
+  def no_data(config):
+    raise AssertionError("the dataset was opened before the model's shapes were checked")
+
+  monkeypatch.setattr(input_pipeline, "dataset_info", no_data)
+  config = _config("pretrain")
+  config.model.img_res = 10
+  with pytest.raises(ValueError, match="divisible by 4"):
+    train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_learning_rate_decays_per_epoch():
@@ -182,7 +266,7 @@ def test_resume_is_exact(data_dir, tmp_path, caplog):
   train.train_and_evaluate(_run_config(data_dir, 2), resumed)
   with caplog.at_level("INFO"):
     train.train_and_evaluate(_run_config(data_dir, 4), resumed)
-  assert "Resumed from step 2" in caplog.text
+  assert "resuming at step 2" in caplog.text
   (step_a, params_a), (step_b, params_b) = _latest_params(straight), _latest_params(resumed)
   assert step_a == step_b == 4
   _assert_trees_close(params_a, params_b, rtol=0, atol=0)
@@ -192,8 +276,8 @@ def _on_train_step(monkeypatch, at_step, change):
   """Patches the pipeline so that the batch of training step `at_step` is change(batch)."""
   real_create_split = input_pipeline.create_split
 
-  def patched(config, split, *, train, start_step=0):
-    batches = real_create_split(config, split, train=train, start_step=start_step)
+  def patched(config, split, *, train, start_step=0, info=None):
+    batches = real_create_split(config, split, train=train, start_step=start_step, info=info)
     for step, batch in enumerate(batches, start=start_step + 1):
       yield change(batch) if train and step == at_step else batch
 
@@ -220,7 +304,8 @@ def test_sigterm_saves_a_checkpoint(data_dir, tmp_path, monkeypatch):
   _on_train_step(monkeypatch, 3, interrupt)
   workdir, handler = str(tmp_path / "sigterm"), signal.getsignal(signal.SIGTERM)
   config = _run_config(data_dir, 4, checkpoint_every_steps=10, eval_every_steps=10)
-  with pytest.raises(KeyboardInterrupt, match="Stopped at step 3"):
+  with pytest.raises(preemption.Stopped, match="Stopped at step 3") as stop:
     train.train_and_evaluate(config, workdir)
+  assert stop.value.exit_code == 128 + signal.SIGTERM
   assert _latest_params(workdir)[0] == 3
   assert signal.getsignal(signal.SIGTERM) is handler

@@ -8,7 +8,9 @@ Encoders ([B, T, H, W, C] -> [B, H, W, E]; SPEC.md §2): "unet3df" (the CSCL
 encoder; T, H, W divisible by 4), "unet3d" (supervised baseline with a built-in
 classifier; same shapes), "unet2d_convlstm" (H, W divisible by 4); T must equal
 model.max_seq_len for these. "biconvgru" (any T, H, W) and "tsvit" (H = W = img_res
-divisible by patch_size, any T) skip padded dates (`dates`). `segmenter.Segmenter` adds
+divisible by patch_size, any T) skip padded dates (`dates`). "utae" (U-TAE; H, W
+divisible by 8, any T, padded dates masked; its embedding is the decoder output
+[B, H, W, 2f], its classifier the original's out_conv). `segmenter.Segmenter` adds
 the head of `model.stage`.
 
 Why Flax Linen: the models are BatchNorm networks trained data-parallel, which is
@@ -37,6 +39,7 @@ from cscl_jax.models import segmenter
 from cscl_jax.models import tsvit
 from cscl_jax.models import unet2d_convlstm
 from cscl_jax.models import unet3d
+from cscl_jax.models import utae
 
 
 def _unet3df(mc: ml_collections.ConfigDict, **kwargs) -> nn.Module:
@@ -74,16 +77,30 @@ def _tsvit(mc: ml_collections.ConfigDict, *, dtype: Any, axis_name: str | None
       scale_dim=mc.scale_dim, dtype=dtype)
 
 
+def _utae(mc: ml_collections.ConfigDict, **kwargs) -> nn.Module:
+  f = mc.num_features  # f = 16: the original's PASTIS widths.
+  return utae.UTAE(num_channels=mc.num_channels, encoder_widths=(4 * f, 4 * f, 4 * f, 8 * f),
+                   decoder_widths=(2 * f, 2 * f, 4 * f, 8 * f), d_model=16 * f, **kwargs)
+
+
+def _utae_out_conv(mc: ml_collections.ConfigDict, *, axis_name: str | None) -> nn.Module:
+  """The original's out_conv [2f, classes] (BatchNorm + ReLU after both convs), float32."""
+  return utae.ConvLayer((2 * mc.num_features, mc.num_classes), norm="batch",
+                        axis_name=axis_name)
+
+
 # model.name -> (encoder builder, classifier kernel size). None: no head, the encoder
 # classifies by itself and cannot be pre-trained. segmenter.OWN_CLASSIFIER: the encoder
 # ends in its own per-pixel classifier (E = num_classes); fine-tuning adds no head,
 # pre-training puts the CSCL head on those scores.
+# A function: the encoder's own classifier module (with BatchNorm), called with train.
 ENCODERS = {
     "unet3df": (_unet3df, 1),
     "unet3d": (_unet3d, None),
     "unet2d_convlstm": (_unet2d_convlstm, 3),
     "biconvgru": (_biconvgru, 3),
     "tsvit": (_tsvit, segmenter.OWN_CLASSIFIER),
+    "utae": (_utae, _utae_out_conv),
 }
 
 
@@ -107,9 +124,10 @@ def create_model(model_config: ml_collections.ConfigDict, *, dtype: Any = jnp.fl
   build, classifier_kernel = ENCODERS[model_config.name]
   dtype = jnp.dtype(dtype)
   head = segmenter.make_head(model_config, classifier_kernel=classifier_kernel,
-                             dtype=dtype)
+                             dtype=dtype, axis_name=axis_name)
   encoder = build(model_config, dtype=dtype, axis_name=axis_name)
-  return segmenter.Segmenter(encoder=encoder, head=head)
+  return segmenter.Segmenter(encoder=encoder, head=head, head_takes_train=(
+      callable(classifier_kernel) and model_config.stage != "pretrain"))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -8,8 +8,10 @@
 
 An encoder that classifies by itself has no head in fine-tuning; UNet3D cannot be
 pre-trained, TSViT (OWN_CLASSIFIER) is pre-trained with the CSCL head on its scores.
+A classifier with BatchNorm (U-TAE's out_conv) is called with `train` like the encoder.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +22,7 @@ import ml_collections
 from cscl_jax import cscl
 from cscl_jax.models import layers
 
+# The training stages (SPEC.md §3); the one list the loop, the converter and the heads use.
 STAGES = ("pretrain", "finetune", "supervised")
 # `classifier_kernel` of an encoder whose output already is per-pixel class scores
 # (TSViT): no head in fine-tuning, the CSCL head on those scores in pre-training.
@@ -27,7 +30,7 @@ OWN_CLASSIFIER = 0
 
 
 class Classifier(nn.Module):
-  """Per-pixel classifier: a k x k conv (k = 1 is the reference's Linear).
+  """Per-pixel classifier: a k x k conv (k = 1 is the reference's Linear), named "conv".
 
   Runs in float32 whatever the encoder's dtype.
 
@@ -43,7 +46,7 @@ class Classifier(nn.Module):
     """Maps embeddings [B, H, W, E] to float32 logits [B, H, W, num_classes]."""
     k = self.kernel_size
     return nn.Conv(self.num_classes, (k, k), padding=k // 2, dtype=jnp.float32,
-                   kernel_init=layers.TORCH_DEFAULT_INIT)(emb.astype(jnp.float32))
+                   kernel_init=layers.TORCH_DEFAULT_INIT, name="conv")(emb.astype(jnp.float32))
 
 
 class Segmenter(nn.Module):
@@ -52,30 +55,36 @@ class Segmenter(nn.Module):
   Attributes:
     encoder: module with __call__(x, *, train) -> [B, H, W, E] (or logits).
     head: module mapping the encoder output to the stage's output, or None.
+    head_takes_train: call the head with `train` (a head with BatchNorm).
   """
   encoder: nn.Module
   head: nn.Module | None = None
+  head_takes_train: bool = False
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     out = self.encoder(x, train=train)
     if self.head is not None:
-      out = self.head(out)
+      out = self.head(out, train=train) if self.head_takes_train else self.head(out)
     return out.astype(jnp.float32)
 
 
-def make_head(model_config: ml_collections.ConfigDict, *, classifier_kernel: int | None,
-              dtype: Any) -> nn.Module | None:
+def make_head(model_config: ml_collections.ConfigDict, *,
+              classifier_kernel: int | Callable[..., nn.Module] | None,
+              dtype: Any, axis_name: str | None = None) -> nn.Module | None:
   """The head for `model_config.stage`.
 
   Args:
     model_config: config.model (stage, num_classes and the CSCL head's fields).
     classifier_kernel: the encoder's classifier kernel size; None for an
       encoder that classifies by itself (no head, no pre-training); OWN_CLASSIFIER
-      for one whose class scores are its per-pixel embedding.
+      for one whose class scores are its per-pixel embedding; or a function
+      (model_config, axis_name=) -> the encoder's own classifier module, called
+      with `train`.
     dtype: computation dtype of the CSCL head's projections.
+    axis_name: pmap axis of a classifier's BatchNorm.
 
   Returns:
-    cscl.ContextSelfSimilarity for "pretrain", a Classifier (or None) otherwise.
+    cscl.ContextSelfSimilarity for "pretrain", a classifier (or None) otherwise.
   """
   stage = model_config.stage
   if stage not in STAGES:
@@ -83,6 +92,8 @@ def make_head(model_config: ml_collections.ConfigDict, *, classifier_kernel: int
   if stage != "pretrain":
     if classifier_kernel in (None, OWN_CLASSIFIER):
       return None
+    if callable(classifier_kernel):
+      return classifier_kernel(model_config, axis_name=axis_name)
     return Classifier(model_config.num_classes, classifier_kernel)
   if classifier_kernel is None:
     raise ValueError(
