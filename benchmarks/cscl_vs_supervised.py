@@ -1,167 +1,188 @@
 """Does CSCL pre-training help segmentation, most at parcel boundaries? (the paper's claim)
 
-For each seed it trains one encoder two ways on the same data, with the same total number
-of optimizer steps N = config.num_train_steps:
+Protocol (issue 13), one encoder per invocation: UNet3Df (configs/finetune.py:quick widths
+or wider) or UNet2D-ConvLSTM (--config.model.name=unet2d_convlstm); every arm uses the same
+config.model, so the same widths; the supervised arm keeps the encoder and its classifier
+(not UNet3D) so that the only difference is the initialisation.
 
-  supervised: encoder + classifier from random initialisation, N steps;
-  cscl:       CSCL pre-training for round(N * pretrain_fraction) steps, then fine-tuning of
-              the pre-trained encoder with a new classifier for the remaining steps.
+ 1. Choose N, the supervised budget, from a learning curve on sits_synthetic/default:
+    `--learning_curve` trains only the supervised arm for config.num_train_steps steps,
+    evaluating on the validation split every config.eval_every_steps, and plots validation
+    mIoU against steps (learning_curve.png / .md). N is where the curve has flattened.
+ 2. Per seed, all arms with the same seed and so the same data order:
+    (a) supervised: N steps from random initialisation;
+    (b) paper: CSCL pre-training M steps, then fine-tuning N steps (pre-training on top, as
+        in the reference's 50 + 50 vs 50 epochs), for M = round(f N), f in
+        --pretrain_fractions (default 1/8, 1/4, 1/2, 1);
+    (c) matched: the same pre-training (M steps), then fine-tuning N - M steps (the same
+        total compute as (a)), for every f < 1;
+    probe: a linear probe (config.freeze_encoder: the encoder's params get zero updates and
+        it runs in inference mode, so its BatchNorm statistics are used and kept; only the
+        classifier head trains, 1x1 for UNet3Df, the reference's 3x3 for UNet2D-ConvLSTM)
+        for --probe_steps on the CSCL encoder pre-trained with the largest M, and on a
+        randomly initialised encoder.
+    >= 5 seeds.
+ 3. Every run validates on --select_split (validation) and keeps its best checkpoint by
+    validation mIoU; after training that checkpoint is evaluated on --test_split (test)
+    with cscl_jax.evaluate (the whole split; test_metrics.json in the run's workdir).
+ 4. results.md: per-arm means, paired differences (CSCL - supervised; probe cscl - probe
+    random) with 95 % t confidence intervals over seeds (benchmarks/evidence_report.py), per
+    seed rows; diff.png: boundary / interior mIoU differences with their intervals;
+    loss_curves.png: the fine-tuning training loss of every arm (TensorBoard events).
 
-Both arms evaluate the final model on the same held-out split (`--eval_split`, the
-synthetic test split by default; it replaces config.dataset.eval_split) and write
-`results.md` (mean ± std over seeds of mIoU, OA, boundary and interior mIoU, per-seed rows
-and the paired CSCL - supervised gains) and `results.png` into `--outdir`. Every run has its
-own workdir `<outdir>/<arm>/seed_<s>`; a run whose metrics.json holds its last step is
-skipped, an interrupted one resumes from its checkpoint, so rerunning the command resumes.
+Workdirs: <outdir>/supervised/seed_<s>, pretrain/m<M>/seed_<s>, paper/m<M>/seed_<s>,
+matched/m<M>/seed_<s>, probe/random/seed_<s>, probe/cscl_m<M>/seed_<s>. A run whose
+metrics.json holds its last step is skipped and an interrupted one resumes from its
+checkpoint, so rerunning the command resumes; test_metrics.json is kept likewise.
 
-The model, data and optimizer come from a base config (its `model.stage` is set per arm);
-the encoder must be one that can be pre-trained (unet3df, unet2d_convlstm):
-
-  python -m benchmarks.cscl_vs_supervised --outdir=/tmp/cscl_vs_supervised \
-      --config=configs/finetune.py:quick --config.num_train_steps=300 --seeds=0,1,2
+  python -m benchmarks.cscl_vs_supervised --learning_curve --outdir=/tmp/curve \
+      --config=configs/finetune.py:quick --config.dataset.config=default \
+      --config.num_train_steps=4000 --config.eval_every_steps=250 --seeds=0,1
+  python -m benchmarks.cscl_vs_supervised --outdir=/tmp/evidence --seeds=0,1,2,3,4 \
+      --config=configs/finetune.py:quick --config.dataset.config=default \
+      --config.num_train_steps=<N>
 """
 
 import json
 import os
 import sys
-import textwrap
 import time
 
 from absl import app
 from absl import flags
 import jax
-import matplotlib
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 import tensorflow as tf
 
+from benchmarks import evidence_report as report
+from cscl_jax import evaluate
 from cscl_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("outdir", None, "Where the run workdirs, results.md and results.png go.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each trains both arms.")
-flags.DEFINE_float("pretrain_fraction", 0.5,
-                   "Share of config.num_train_steps spent on CSCL pre-training.")
-flags.DEFINE_string("eval_split", "test", "Held-out split both arms are evaluated on.")
+flags.DEFINE_string("outdir", None, "Where the run workdirs, results.md and the plots go.")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; each trains every arm.")
+flags.DEFINE_list("pretrain_fractions", ["0.125", "0.25", "0.5", "1"],
+                  "CSCL pre-training steps M as fractions of N = config.num_train_steps.")
+flags.DEFINE_integer("probe_steps", -1, "Linear-probe steps; -1: N // 4; 0: no probe.")
+flags.DEFINE_bool("learning_curve", False,
+                  "Only train the supervised arm and plot its validation mIoU vs steps.")
+flags.DEFINE_string("select_split", "validation", "Split the runs validate on.")
+flags.DEFINE_string("test_split", "test", "Split the best checkpoints are evaluated on.")
 config_flags.DEFINE_config_file("config", "configs/finetune.py:quick",
                                 "Base config (configs/*.py[:variant]).", lock_config=True)
 flags.mark_flags_as_required(["outdir"])
 
-ARMS = ("supervised", "cscl")
-# (metrics.json key, column title); the first four are plotted.
-METRICS = (("miou", "mIoU"), ("oa", "OA"), ("boundary/miou", "boundary mIoU"),
-           ("interior/miou", "interior mIoU"), ("boundary/oa", "boundary OA"))
+TEST_METRICS = "test_metrics.json"
 
 
-def stage_configs(base: ml_collections.ConfigDict, seed: int, pretrain_fraction: float,
-                  eval_split: str, outdir: str) -> dict[str, tuple[ml_collections.ConfigDict,
-                                                                    str]]:
-  """The runs of one seed: {"supervised", "pretrain", "finetune"} -> (config, workdir).
+def pretrain_steps(total: int, fractions: list[float]) -> list[int]:
+  """M = round(f * total) per fraction.
 
   Raises:
-    ValueError: if the step budget cannot be split into two non-empty stages.
+    ValueError: for a fraction outside (0, 1] or one that rounds to no step.
   """
+  steps = [int(round(total * f)) for f in fractions]
+  bad = [f for f, m in zip(fractions, steps) if not 0 < f <= 1 or m < 1]
+  if bad:
+    raise ValueError(f"--pretrain_fractions {bad} give no pre-training step of N={total} "
+                     "or exceed 1; use fractions in (0, 1] with round(f * N) >= 1.")
+  return steps
+
+
+def seed_runs(base: ml_collections.ConfigDict, seed: int, steps_m: list[int],
+              probe_steps: int, select_split: str, outdir: str
+              ) -> dict[str, tuple[ml_collections.ConfigDict, str]]:
+  """The runs of one seed, name -> (config, workdir), in an order that can run them."""
   total = base.num_train_steps
-  pretrain_steps = int(round(total * pretrain_fraction))
-  if not 0 < pretrain_steps < total:
-    raise ValueError(f"config.num_train_steps={total} with --pretrain_fraction="
-                     f"{pretrain_fraction} leaves a stage without steps; set "
-                     "config.num_train_steps > 1 and 0 < pretrain_fraction < 1.")
-  runs = {}
-  for stage, steps in (("supervised", total), ("pretrain", pretrain_steps),
-                       ("finetune", total - pretrain_steps)):
+
+  def make(name, stage, steps, init_from="", freeze=False):
     config = base.copy_and_resolve_references()
     config.seed, config.num_train_steps, config.model.stage = seed, steps, stage
-    config.dataset.eval_split = eval_split
-    arm = "supervised" if stage == "supervised" else "cscl"
-    sub = "" if stage == "supervised" else stage
-    runs[stage] = config, os.path.join(outdir, arm, f"seed_{seed}", sub)
-  runs["finetune"][0].init_from = runs["pretrain"][1]
+    config.dataset.eval_split, config.init_from = select_split, init_from
+    config.freeze_encoder = freeze
+    return config, os.path.join(outdir, name, f"seed_{seed}")
+
+  runs = {"supervised": make("supervised", "supervised", total)}
+  for m in steps_m:
+    runs[f"pretrain/m{m}"] = pre = make(f"pretrain/m{m}", "pretrain", m)
+    runs[f"paper/m{m}"] = make(f"paper/m{m}", "finetune", total, pre[1])
+    if m < total:
+      runs[f"matched/m{m}"] = make(f"matched/m{m}", "finetune", total - m, pre[1])
+  if probe_steps:
+    m = max(steps_m)
+    runs["probe/random"] = make("probe/random", "supervised", probe_steps, freeze=True)
+    runs[f"probe/cscl_m{m}"] = make(f"probe/cscl_m{m}", "finetune", probe_steps,
+                                    runs[f"pretrain/m{m}"][1], freeze=True)
   return runs
 
 
-def finished_metrics(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """The metrics.json of a run that reached its last step, else None."""
+def baselines_of(arms: list[str]) -> dict[str, str]:
+  """Arm -> the arm its paired difference subtracts."""
+  return {a: "probe/random" if a.startswith("probe/cscl") else "supervised" for a in arms
+          if a not in ("supervised", "probe/random")}
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> dict:
+  """Trains one run unless finished; returns its last validation metrics."""
   path = os.path.join(workdir, "metrics.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    scores = json.load(f)
-  return scores if scores["step"] == config.num_train_steps else None
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, name: str) -> dict[str, float]:
-  """Trains one stage unless it has finished; returns its final metrics."""
-  scores = finished_metrics(config, workdir)
-  if scores is not None:
-    print(f"[skip] {name}: finished ({workdir})", flush=True)
-    return scores
+  if os.path.exists(path):
+    with open(path) as f:
+      scores = json.load(f)
+    if scores["step"] == config.num_train_steps:
+      print(f"[skip] {name}: finished ({workdir})", flush=True)
+      return scores
   print(f"[run]  {name}: {config.num_train_steps} steps in {workdir}", flush=True)
   start = time.perf_counter()
   scores = train.train_and_evaluate(config, workdir)
   print(f"[done] {name}: {time.perf_counter() - start:.0f} s, " + ", ".join(
       f"{k}={scores[k]:.4f}" for k in ("miou", "boundary/miou", "sim_same", "sim_diff")
       if k in scores), flush=True)
+  return {"step": config.num_train_steps, **scores}
+
+
+def evaluate_best(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
+  """Test metrics of the run's best-validation checkpoint (cscl_jax.evaluate; cached)."""
+  path = os.path.join(workdir, TEST_METRICS)
+  if os.path.exists(path):
+    with open(path) as f:
+      scores = json.load(f)
+    if scores["num_train_steps"] == config.num_train_steps and scores["split"] == split:
+      return scores
+  scores = evaluate.evaluate_checkpoint(workdir, split, "best")
+  scores = {**scores, "split": split, "num_train_steps": config.num_train_steps}
+  with open(path, "w") as f:
+    json.dump(scores, f, indent=2)
   return scores
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for a single value)."""
-  values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+def describe(base: ml_collections.ConfigDict, num_seeds: int) -> str:
+  m, d = base.model, base.dataset
+  return (f"{m.name} f={m.num_features} emb={m.emb_channels} attn={m.attn_channels}, "
+          f"{d.name}/{d.config} {m.img_res}x{m.img_res} T={m.max_seq_len}, batch "
+          f"{base.batch_size}, lr {base.learning_rate}, N={base.num_train_steps}; "
+          f"{num_seeds} seeds")
 
 
-def results_table(results: dict[str, dict[int, dict[str, float]]],
-                  pretrain: dict[int, dict[str, float]], header: str) -> str:
-  """Markdown: mean ± std per arm, paired gains, per-seed rows and pre-training stats."""
-  seeds = sorted(results["supervised"])
-  titles = [t for _, t in METRICS]
-  lines = [header, "", "| arm | " + " | ".join(titles) + " |",
-           "| --- |" + " --- |" * len(METRICS)]
-  for arm in ARMS:
-    cells = [mean_std([results[arm][s][k] for s in seeds]) for k, _ in METRICS]
-    lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {d:.4f}" for m, d in cells) + " |")
-  gains = [mean_std([results["cscl"][s][k] - results["supervised"][s][k] for s in seeds])
-           for k, _ in METRICS]
-  lines.append("| cscl - supervised (paired) | " + " | ".join(
-      f"{m:+.4f} ± {d:.4f}" for m, d in gains) + " |")
-  lines += ["", "Per seed:", "", "| arm | seed | " + " | ".join(titles) + " |",
-            "| --- | --- |" + " --- |" * len(METRICS)]
-  for arm in ARMS:
-    for s in seeds:
-      lines.append(f"| {arm} | {s} | " + " | ".join(
-          f"{results[arm][s][k]:.4f}" for k, _ in METRICS) + " |")
-  lines += ["", "CSCL pre-training at its last step, on the eval split (mean cosine similarity "
-            "of same-class and different-class pairs in the window; the centre and "
-            "out-of-image neighbours included):", "",
-            "| seed | loss | sim_same | sim_diff |", "| --- | --- | --- | --- |"]
-  lines += [f"| {s} | {p['loss']:.4f} | {p['sim_same']:.4f} | {p['sim_diff']:.4f} |"
-            for s, p in sorted(pretrain.items())]
-  return "\n".join(lines) + "\n"
-
-
-def results_plot(results: dict[str, dict[int, dict[str, float]]], path: str,
-                 title: str) -> None:
-  """Bars (mean ± std over seeds) of the first four METRICS, one colour per arm."""
-  seeds = sorted(results["supervised"])
-  fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-  x = np.arange(4)
-  for i, arm in enumerate(ARMS):
-    values = np.array([[results[arm][s][k] for k, _ in METRICS[:4]] for s in seeds])
-    offset = (i - 0.5) * 0.38
-    ax.bar(x + offset, values.mean(0), 0.36, label=arm,
-           yerr=values.std(0, ddof=1) if len(seeds) > 1 else None, capsize=3)
-    ax.plot(np.broadcast_to(x + offset, values.shape).ravel(), values.ravel(), "k.", ms=3)
-  ax.set_xticks(x, [t for _, t in METRICS[:4]])
-  ax.set_ylim(0, 1)
-  ax.set_title(textwrap.fill(title, 95), fontsize=7)
-  ax.legend(loc="upper left", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+def learning_curve(base: ml_collections.ConfigDict, seeds: list[int], outdir: str) -> None:
+  """Supervised runs only; validation mIoU vs steps in learning_curve.png and .md."""
+  curves = []
+  for seed in seeds:
+    config, workdir = seed_runs(base, seed, [], 0, FLAGS.select_split,
+                                os.path.join(outdir, "learning_curve"))["supervised"]
+    train_run(config, workdir, f"supervised seed {seed}")
+    curves.append(report.read_scalars(workdir, "eval/miou"))
+  setup = describe(base, len(seeds))
+  report.curves_plot({"supervised": curves}, os.path.join(outdir, "learning_curve.png"),
+                     f"validation mIoU ({FLAGS.select_split})", setup)
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
+  lines = [f"# Supervised learning curve\n\n{setup}.\n", "| step | " + " | ".join(
+      f"seed {s}" for s in seeds) + " | mean |", "| --- |" + " --- |" * (len(seeds) + 1)]
+  lines += [f"| {t} | " + " | ".join(f"{c[t]:.4f}" for c in curves) +
+            f" | {sum(c[t] for c in curves) / len(curves):.4f} |" for t in steps]
+  with open(os.path.join(outdir, "learning_curve.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines), flush=True)
 
 
 def main(argv):
@@ -171,29 +192,37 @@ def main(argv):
   base, outdir = FLAGS.config, FLAGS.outdir
   seeds = [int(s) for s in FLAGS.seeds]
   start = time.perf_counter()
-  results = {arm: {} for arm in ARMS}
-  pretrain = {}
+  if FLAGS.learning_curve:
+    learning_curve(base, seeds, outdir)
+    return
+  steps_m = pretrain_steps(base.num_train_steps,
+                           [float(f) for f in FLAGS.pretrain_fractions])
+  probe_steps = base.num_train_steps // 4 if FLAGS.probe_steps < 0 else FLAGS.probe_steps
+  results, pretrain, losses = {}, {}, {}
   for seed in seeds:
-    runs = stage_configs(base, seed, FLAGS.pretrain_fraction, FLAGS.eval_split, outdir)
-    results["supervised"][seed] = run(*runs["supervised"], f"supervised seed {seed}")
-    pretrain[seed] = run(*runs["pretrain"], f"cscl pretrain seed {seed}")
-    results["cscl"][seed] = run(*runs["finetune"], f"cscl finetune seed {seed}")
-  m, d = base.model, base.dataset
-  setup = (f"{m.name} f={m.num_features} emb={m.emb_channels} attn={m.attn_channels}, "
-           f"{d.name}/{d.config} {m.img_res}x{m.img_res} T={m.max_seq_len}, batch "
-           f"{base.batch_size}, lr {base.learning_rate}; supervised {base.num_train_steps} "
-           f"steps vs cscl {runs['pretrain'][0].num_train_steps} pretrain + "
-           f"{runs['finetune'][0].num_train_steps} finetune; eval on '{FLAGS.eval_split}'; "
-           f"{len(seeds)} seeds")
+    runs = seed_runs(base, seed, steps_m, probe_steps, FLAGS.select_split, outdir)
+    for name, (config, workdir) in runs.items():
+      scores = train_run(config, workdir, f"{name} seed {seed}")
+      if name.startswith("pretrain/"):
+        pretrain.setdefault(name, {})[seed] = scores
+        continue
+      results.setdefault(name, {})[seed] = evaluate_best(config, workdir, FLAGS.test_split)
+      if not name.startswith("probe/"):
+        losses.setdefault(name, []).append(report.read_scalars(workdir, "train/loss"))
+  setup = (describe(base, len(seeds)) + f"; M in {steps_m}, probe {probe_steps} steps; "
+           f"best on '{FLAGS.select_split}', evaluated on '{FLAGS.test_split}'")
   command = " ".join(["python -m benchmarks.cscl_vs_supervised"] + sys.argv[1:])
-  table = results_table(results, pretrain,
-                        f"# CSCL vs supervised\n\n{setup}.\n\n    {command}")
+  baselines = baselines_of(list(results))
+  table = report.results_table(results, baselines, pretrain,
+                               f"# CSCL vs supervised\n\n{setup}.\n\n    {command}")
   with open(os.path.join(outdir, "results.md"), "w") as f:
     f.write(table)
-  results_plot(results, os.path.join(outdir, "results.png"), setup)
+  report.diff_plot(results, baselines, os.path.join(outdir, "diff.png"), setup)
+  report.curves_plot(losses, os.path.join(outdir, "loss_curves.png"),
+                     "training loss (fine-tuning / supervised)", setup)
   print(table, flush=True)
-  print(f"Wrote {outdir}/results.md and results.png ({time.perf_counter() - start:.0f} s; "
-        f"{jax.device_count()} devices).", flush=True)
+  print(f"Wrote {outdir}/results.md, diff.png and loss_curves.png "
+        f"({time.perf_counter() - start:.0f} s; {jax.device_count()} devices).", flush=True)
 
 
 if __name__ == "__main__":

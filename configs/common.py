@@ -90,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2  # latest N, plus the best by eval mIoU
   config.num_plot_samples = 4
   config.init_from = ""  # finetune: a pre-training workdir or checkpoint dir
+  # Linear probe: train only the head; the encoder's params get zero updates and it runs in
+  # inference mode (BatchNorm running statistics used and kept). Default False.
+  config.freeze_encoder = False
   # Multi-host: call jax.distributed.initialize() (auto-detects Cloud TPU pods, SLURM,
   # Open MPI). Also done, whatever this says, when JAX_COORDINATOR_ADDRESS is set (see main.py).
   config.distributed = False

@@ -60,12 +60,23 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: Any,
                        learning_rate_fn: optax.Schedule) -> TrainState:
-  """Initialises the model variables and an Adam optimizer."""
+  """Initialises the model variables and an Adam optimizer.
+
+  With config.freeze_encoder the optimizer leaves the "encoder" params unchanged
+  (optax.set_to_zero) and trains the rest (the head).
+  """
   m = config.model
   x = jnp.zeros((1, m.max_seq_len, m.img_res, m.img_res, m.num_channels))
   variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           tx=optax.adam(learning_rate_fn),
+  tx = optax.adam(learning_rate_fn)
+  if config.freeze_encoder:  # Linear probe: the "encoder" subtree gets zero updates.
+    if "head" not in variables["params"]:
+      raise ValueError(f"config.freeze_encoder with model.name={m.name!r} and stage "
+                       f"{m.stage!r} leaves nothing to train (no head): probe an encoder "
+                       "that has a classifier head (unet3df, unet2d_convlstm, biconvgru).")
+    labels = {k: "frozen" if k == "encoder" else "train" for k in variables["params"]}
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats", {}))
 
 
@@ -129,9 +140,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
       jax.random.key(config.seed), state.step), lax.axis_index(axis_name))
 
   def loss_fn(params):
+    # A frozen encoder runs in inference mode: BatchNorm normalises with its running
+    # statistics and leaves them unchanged, without dropout (the heads have neither).
     outputs, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["inputs"],
-        train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        train=not config.freeze_encoder, mutable=["batch_stats"],
+        rngs={"dropout": dropout_rng})
     loss, sums = compute_loss(outputs, batch, config, axis_name)
     # The global loss. Under shard_map its gradient w.r.t. the replicated params is
     # already the global gradient (the pmean below leaves it as is); under pmap each

@@ -1,27 +1,60 @@
-"""benchmarks/cscl_vs_supervised.py end to end on the tiny data: table, plot and resuming."""
+"""benchmarks/cscl_vs_supervised.py end to end on the tiny data, and its statistics."""
 
+import json
+import math
 import os
-import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from benchmarks import evidence_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRIC_COLUMNS = 5  # mIoU, OA, boundary mIoU, interior mIoU, boundary OA
+
+
+def _t_cdf(t: float, df: int) -> float:
+  """Student t CDF by the trapezoid rule on its density (slow, independent reference)."""
+  x = np.linspace(-400.0, t, 4_000_001)
+  c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+  pdf = c * (1 + x**2 / df) ** (-(df + 1) / 2)
+  return float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(x)))
+
+
+@pytest.mark.parametrize("df", [2, 4, 9, 30])
+def test_t_table_is_the_975_quantile(df):
+  # df 1's heavy tail would need a far wider grid; the others are checked to 1e-5.
+  assert _t_cdf(evidence_report.T_975[df], df) == pytest.approx(0.975, abs=1e-5)
+
+
+def test_paired_ci_known_numbers():
+  # mean 2, s = 1, n = 3: half-width t_{0.975,2} / sqrt(3) = 4.302653 / 1.7320508.
+  mean, lo, hi = evidence_report.paired_ci([1.0, 2.0, 3.0])
+  assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - 2.484138, 2.0 + 2.484138), abs=1e-6)
+  # Six seeds: df 5; 45 seeds: df 44 uses the df-40 entry; 200: the normal quantile.
+  d = np.arange(6.0)
+  half = 2.570582 * d.std(ddof=1) / math.sqrt(6)
+  assert evidence_report.paired_ci(d)[2] == pytest.approx(2.5 + half, abs=1e-9)
+  assert evidence_report.t_quantile_975(44) == evidence_report.T_975[40]
+  assert evidence_report.t_quantile_975(200) == evidence_report.Z_975
+  with pytest.raises(ValueError, match="more --seeds"):
+    evidence_report.paired_ci([0.3])
 
 
 def _benchmark(outdir: str, data_dir: str, cache_dir: str) -> str:
   """Runs the benchmark on one CPU device in a subprocess; returns its output."""
   # One device compiles quicker than conftest's 8; the compilation cache lets the second
-  # seed and the fine-tuning reuse the first seed's programs.
+  # seed and the later arms reuse the first programs. One eval and save, at the end.
   env = dict(os.environ, XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.cscl_vs_supervised", f"--outdir={outdir}",
-       "--seeds=0,1", "--config=configs/test.py", f"--config.dataset.data_dir={data_dir}",
-       "--config.num_train_steps=4"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+       "--seeds=0,1", "--pretrain_fractions=0.5,1", "--probe_steps=1",
+       "--config=configs/test.py", f"--config.dataset.data_dir={data_dir}",
+       "--config.num_train_steps=2", "--config.eval_every_steps=100",
+       "--config.checkpoint_every_steps=100"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -33,33 +66,36 @@ def _rows(table: str, first_cell: str) -> list[list[str]]:
   return [r for r in rows if r[0] == first_cell]
 
 
-def test_table_plot_and_skipping_finished_runs(tmp_path):
+def test_all_arms_paired_intervals_and_resuming(tmp_path):
   dirs = [str(tmp_path / d) for d in ("out", "tfds", "jax_cache")]
   outdir = dirs[0]
   log = _benchmark(*dirs)
-  assert log.count("[run]") == 6 and "[skip]" not in log  # 2 seeds x 3 stages
+  # Per seed: supervised, pretrain m1 and m2, paper m1 and m2, matched m1, two probes.
+  assert log.count("[run]") == 16 and "[skip]" not in log
   with open(os.path.join(outdir, "results.md")) as f:
     table = f.read()
-  number = re.compile(r"^[+-]?\d+\.\d{4}$")
-  for arm in ("supervised", "cscl"):
-    (summary,), per_seed = _rows(table, arm)[:1], _rows(table, arm)[1:]
-    assert len(summary) == 1 + METRIC_COLUMNS
-    for cell in summary[1:]:
-      mean, std = cell.split(" ± ")
-      assert 0 <= float(mean) <= 1 and float(std) >= 0
-    assert [r[1] for r in per_seed] == ["0", "1"]
-    values = [float(c) for r in per_seed for c in r[2:] if number.match(c)]
-    assert len(values) == 2 * METRIC_COLUMNS and all(0 <= v <= 1 for v in values)
-    # The summary is the mean of the per-seed rows.
-    means = np.mean([[float(c) for c in r[2:]] for r in per_seed], axis=0)
-    np.testing.assert_allclose([float(c.split(" ± ")[0]) for c in summary[1:]], means,
-                               atol=1e-4)
-  assert len(_rows(table, "cscl - supervised (paired)")) == 1
-  assert os.path.getsize(os.path.join(outdir, "results.png")) > 1000
-  for arm_dir in ("supervised/seed_0", "cscl/seed_1/pretrain", "cscl/seed_1/finetune"):
-    assert os.path.exists(os.path.join(outdir, arm_dir, "metrics.json"))
+  for name in ("results.md", "diff.png", "loss_curves.png"):
+    assert os.path.getsize(os.path.join(outdir, name)) > 1000
+
+  def test_metrics(arm, seed):
+    with open(os.path.join(outdir, arm, f"seed_{seed}", "test_metrics.json")) as f:
+      return json.load(f)
+
+  for arm, base in (("paper/m1", "supervised"), ("matched/m1", "supervised"),
+                    ("paper/m2", "supervised"), ("probe/cscl_m2", "probe/random")):
+    (row,) = _rows(table, f"{arm} - {base}")
+    assert row[1] == "2"
+    for cell, key in zip(row[2:], ("miou", "oa", "boundary/miou", "interior/miou")):
+      d = np.array([test_metrics(arm, s)[key] - test_metrics(base, s)[key] for s in (0, 1)])
+      half = 12.706205 * d.std(ddof=1) / np.sqrt(2)  # t_{0.975, 1}
+      expected = f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]"
+      assert cell == expected, (arm, key)
+  for seed in (0, 1):
+    scores = test_metrics("paper/m2", seed)
+    assert scores["split"] == "test" and scores["step"] == 2 and 0 <= scores["miou"] <= 1
+  assert not _rows(table, "matched/m2 - supervised")  # M = N leaves no fine-tuning.
 
   log = _benchmark(*dirs)
-  assert log.count("[skip]") == 6 and "[run]" not in log
+  assert log.count("[skip]") == 16 and "[run]" not in log
   with open(os.path.join(outdir, "results.md")) as f:
     assert f.read() == table
