@@ -125,20 +125,6 @@ def test_sigterm_saves_and_exits_with_143_without_a_traceback(tmp_path):
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
 
 
-def test_utae_pretrains_with_cscl_then_finetunes(tmp_path):
-  # A narrow U-TAE (f = 4; H, W divisible by 8), with the classifier of the original.
-  pretrain, finetune = str(tmp_path / "pre"), str(tmp_path / "ft")
-  utae = ("--config.model.name=utae", "--config.model.num_features=4",
-          "--config.model.img_res=16", f"--config.dataset.data_dir={tmp_path / 'tfds'}")
-  assert "Eval at step 4" in _run_lines(_main(ROOT, f"--workdir={pretrain}", *utae))
-  log = _run_lines(_main(ROOT, f"--workdir={finetune}", *utae, "--config.model.stage=finetune",
-                         f"--config.init_from={pretrain}"))
-  assert "Loaded pre-trained encoder" in log
-  with open(os.path.join(finetune, "metrics.json")) as f:
-    scores = json.load(f)
-  assert scores["step"] == 4 and 0 <= scores["miou"] <= 1
-
-
 @pytest.mark.parametrize("name, builder_config, flags", [
     ("pastis", "fold1_24x24", ("--config.model.num_channels=11", "--config.model.num_classes=19")),
     ("mtlcc", "all", ("--config.model.num_classes=17",))])

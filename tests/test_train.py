@@ -317,9 +317,9 @@ def test_x4_pretrain_then_finetune_at_label_resolution(data_dir, tmp_path, monke
   shown = []
   real_plot = visualize.plot_segmentation
 
-  def plot(path, inputs, labels, preds, num_classes):
+  def plot(path, inputs, labels, preds, num_classes, **kwargs):
     shown.append((inputs.shape[2:4], labels.shape[1:], preds.shape[1:]))
-    real_plot(path, inputs, labels, preds, num_classes)
+    real_plot(path, inputs, labels, preds, num_classes, **kwargs)
 
   monkeypatch.setattr(visualize, "plot_segmentation", plot)
   pre, fine = str(tmp_path / "pre"), str(tmp_path / "fine")
