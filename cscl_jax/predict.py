@@ -119,8 +119,12 @@ def prepare_window(stack: products.Stack, config: ml_collections.ConfigDict,
     (inputs float32 [max_seq_len, S, S, 14], observed bool [S, S]: some kept date is usable).
   """
   stack = stack.keep(stack.cloud_fraction <= max_cloud)
+  m = config.dataset.label_magnification
+  size = stack.bad.shape[1:]  # no labels to predict from: placeholders on the label grid
   example = {"image": stack.image, "doy": stack.doy,
-             "labels": np.zeros(stack.bad.shape[1:], np.int32)}
+             features.label_key(m): np.zeros((m * size[0], m * size[1]), np.int32)}
+  if m > 1:
+    example["labels"] = np.zeros(size, np.int32)
   inputs = input_pipeline.preprocess(example, config)["inputs"]
   return inputs.numpy(), (~stack.bad).any(axis=0)
 
