@@ -87,7 +87,8 @@ def main():
   parser.add_argument("--small", action="store_true", help="reduced shapes (slow backends)")
   args = parser.parse_args()
   config = train_step.make_config(args.model, args.stage, "float32", args.small)
-  step, state, batch = train_step.build_step(config, args.batch_size)
+  step, state = train_step.build_step(config)
+  batch = train_step.random_batch(config, args.batch_size)
   names = op_names(step.lower(state, batch).compile().as_text())
   state, _ = jax.block_until_ready(step(state, batch))  # compile and warm up
   events, wall = trace_events(step, state, batch, args.steps)

@@ -75,13 +75,11 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
       "valid": rng.random(shape) > 0.1}
 
 
-def build_step(config, batch_size: int, variables: dict[str, Any] | None = None
-               ) -> tuple[Callable, Any, dict[str, np.ndarray]]:
-  """The replicated train step as train_and_evaluate runs it, its state and a batch.
+def build_step(config, variables: dict[str, Any] | None = None) -> tuple[Callable, Any]:
+  """The replicated train step as train_and_evaluate runs it, and its state.
 
   Args:
     config: the run's config.
-    batch_size: samples per device.
     variables: {"params", "batch_stats"} to start from; None: the model's init.
   """
   model = models.create_model(config.model, dtype=config.dtype, axis_name=train.AXIS)
@@ -93,7 +91,7 @@ def build_step(config, batch_size: int, variables: dict[str, Any] | None = None
   state = jax_utils.replicate(state, axis_name=train.AXIS)
   step = jax.pmap(functools.partial(train.train_step, config=config, axis_name=train.AXIS),
                   axis_name=train.AXIS, donate_argnums=(0,))
-  return step, state, random_batch(config, batch_size)
+  return step, state
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -117,7 +115,7 @@ def time_steps(config, batch_size: int, warmup: int, repeats: int,
   if with_torch:
     from benchmarks import torch_original  # pylint: disable=g-import-not-at-top
     variables, torch_step = torch_original.build(config, batch)
-  step, state, batch = build_step(config, batch_size, variables)
+  step, state = build_step(config, variables)
   flops = step.lower(state, batch).compile().cost_analysis().get("flops", float("nan"))
   start = time.perf_counter()
   state, step_metrics = jax.block_until_ready(step(state, batch))  # includes compiling

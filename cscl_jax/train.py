@@ -80,6 +80,14 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
                            batch_stats=variables.get("batch_stats", {}))
 
 
+def known_pixels(batch: dict[str, jax.Array], num_classes: int) -> jax.Array:
+  """Valid pixels of a known class in real examples ("example_mask" marks padding): [b, H, W]."""
+  known = batch["valid"] & (batch["labels"] < num_classes)
+  if "example_mask" in batch:
+    known &= batch["example_mask"][:, None, None]
+  return known
+
+
 def compute_loss(outputs: jax.Array, batch: dict[str, jax.Array],
                  config: ml_collections.ConfigDict,
                  axis_name: str) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -98,18 +106,21 @@ def compute_loss(outputs: jax.Array, batch: dict[str, jax.Array],
     batches, and "loss_sum" / "loss_count" of the sums is the exact mean loss.
   """
   m, num_classes = config.model, config.model.num_classes
-  real = batch.get("example_mask", jnp.ones(batch["labels"].shape[:1], bool))  # [b]
-  known = batch["valid"] & (batch["labels"] < num_classes) & real[:, None, None]  # [b, H, W]
+  known = known_pixels(batch, num_classes)  # [b, H, W]
   if m.stage == "pretrain":
     window = dict(kernel_size=m.kernel_size, stride=m.stride, dilation=m.dilation)
     target = cscl.cscl_labels(batch["labels"], **window)  # [b, H', W', k, k]
-    pairs = jnp.broadcast_to(real.reshape((-1,) + (1,) * (target.ndim - 1)), target.shape)
-    mask = cscl.cscl_mask(known, **window) & pairs if config.cscl.use_mask else pairs
+    mask = cscl.cscl_mask(known, **window) if config.cscl.use_mask else None
+    count = jnp.asarray(target.size, jnp.float32)
+    if "example_mask" in batch:  # evaluation: pairs of padding examples count nowhere
+      pairs = jnp.broadcast_to(
+          batch["example_mask"].reshape((-1,) + (1,) * (target.ndim - 1)), target.shape)
+      mask = pairs if mask is None else mask & pairs
+      count = jnp.sum(pairs, dtype=jnp.float32)
     # The loss is a mean over all b * H' * W' * K entries, masked ones counting as zeros.
     loss = CSCL_LOSSES[config.cscl.loss](outputs, target, mask,
                                          pos_weight=config.cscl.pos_weight)
-    sums = {"loss_sum": loss * target.size,
-            "loss_count": jnp.sum(pairs, dtype=jnp.float32)}
+    sums = {"loss_sum": loss * target.size, "loss_count": count}
     return loss, {**sums, **metrics.similarity_sums(outputs, target, mask)}
   logits = outputs.astype(jnp.float32)
   labels = jnp.where(known, batch["labels"], 0)
@@ -183,10 +194,9 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   _, sums = compute_loss(outputs, batch, config, axis_name)
   if config.model.stage != "pretrain":
     outputs = jnp.argmax(outputs, axis=-1)
-    real = batch.get("example_mask", jnp.ones(outputs.shape[:1], bool))
-    known = batch["valid"] & (batch["labels"] < config.model.num_classes)
     sums["confusions"] = metrics.segmentation_confusions(
-        batch["labels"], outputs, known & real[:, None, None], config.model.num_classes)
+        batch["labels"], outputs, known_pixels(batch, config.model.num_classes),
+        config.model.num_classes)
   return lax.psum(sums, axis_name), outputs
 
 
