@@ -57,6 +57,7 @@ import tensorflow as tf
 
 from benchmarks import evidence_report as report
 from cscl_jax import evaluate
+from cscl_jax import host_memory
 from cscl_jax import train
 
 FLAGS = flags.FLAGS
@@ -188,6 +189,7 @@ def learning_curve(base: ml_collections.ConfigDict, seeds: list[int], outdir: st
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.retain_freed_memory()  # As cscl_jax.main does.
   tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds the input pipeline.
   base, outdir = FLAGS.config, FLAGS.outdir
   seeds = [int(s) for s in FLAGS.seeds]

@@ -28,6 +28,7 @@ import time
 import jax
 
 from benchmarks import train_step
+from cscl_jax import host_memory
 
 _OP = re.compile(r'^\s*(?:ROOT )?%?([\w.-]+) = .*?op_name="([^"]+)"', re.MULTILINE)
 _LAYER = re.compile(r"(?:encoder|head)(?:/[A-Za-z_]\w*)*")
@@ -86,6 +87,7 @@ def main():
   parser.add_argument("--top", type=int, default=12, help="rows per table")
   parser.add_argument("--small", action="store_true", help="reduced shapes (slow backends)")
   args = parser.parse_args()
+  host_memory.retain_freed_memory()  # As cscl_jax.main does.
   config = train_step.make_config(args.model, args.stage, "float32", args.small)
   step, state = train_step.build_step(config)
   batch = train_step.random_batch(config, args.batch_size)

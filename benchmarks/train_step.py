@@ -9,6 +9,10 @@ Reports the median of `--repeats` steps after `--warmup` untimed ones, samples/s
 compile time, and the floor: the step's FLOPs (XLA's cost analysis) at this machine's
 float32 matmul rate (a 2048^3 matmul, measured in the same run).
 
+Like `cscl_jax.main`, it first makes glibc keep freed memory for reuse
+(`cscl_jax.host_memory`; the PyTorch step in the same process gains from it too);
+`--malloc_defaults` leaves malloc as it is.
+
 With `--torch` (needs requirements-test.txt), the PyTorch original's step runs beside ours
 on the same batch from identical weights (converted with `cscl_jax.convert`): the two
 take turns, so load on a shared machine hits both alike, and the ratio is ours / theirs.
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
+from cscl_jax import host_memory
 from cscl_jax import models
 from cscl_jax import train
 
@@ -150,7 +155,11 @@ def main():
   parser.add_argument("--small", action="store_true", help="reduced shapes (slow backends)")
   parser.add_argument("--torch", action="store_true",
                       help="time the PyTorch original beside ours (float32 rows)")
+  parser.add_argument("--malloc_defaults", action="store_true",
+                      help="leave glibc's malloc as it is (cscl_jax.main calls "
+                           "host_memory.retain_freed_memory)")
   args = parser.parse_args()
+  retained = not args.malloc_defaults and host_memory.retain_freed_memory()
   if args.repeats < 1 or args.batch_size < 1:
     parser.error("--repeats and --batch_size must be >= 1.")
   for name, values, known in (("--models", args.models, REFERENCE), ("--stages", args.stages,
@@ -164,7 +173,8 @@ def main():
         f"{jax.device_count()} devices, {jax.process_count()} processes; "
         f"{args.batch_size} samples per device; median of {args.repeats} steps after "
         f"{args.warmup} warm-up; {'SMALL' if args.small else 'reference'} shapes; "
-        f"float32 matmul {rate:.0f} GFLOP/s")
+        f"float32 matmul {rate:.0f} GFLOP/s; freed memory "
+        f"{'retained' if retained else 'returned (malloc defaults)'}")
   print("| model | stage | dtype | shape (T, H, C, f) | step s | PyTorch s | ours/PyTorch "
         "| floor s (GFLOP) | samples/s | compile s |")
   print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")

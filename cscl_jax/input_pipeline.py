@@ -306,6 +306,13 @@ def _eval_dataset(records, config, num_examples, batch):
   return batch(real.concatenate(padding.repeat()).take(num_examples))
 
 
+def _read_features(config: ml_collections.ConfigDict) -> tfds.decode.PartialDecoding:
+  """Only the features `preprocess` reads are parsed and decoded (not the parcel ids, nor
+  the label grids of other magnifications: zlib-compressed, most of the decoding time)."""
+  keys = {"image", "doy", "labels", features.label_key(config.dataset.label_magnification)}
+  return tfds.decode.PartialDecoding({k: True for k in keys})
+
+
 def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
                  start_step: int = 0,
                  info: SitsInfo | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -338,7 +345,8 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
     # The largest process share sets the number of batches of every process.
     shares = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)
     largest = max(builder.info.splits[s].num_examples for s in shares)
-    records = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
+    records = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False,
+                                 decoders=_read_features(config))
     ds = _eval_dataset(records, config, math.ceil(largest / per_process) * per_process, batch)
     return iter(tfds.as_numpy(ds.prefetch(config.dataset.prefetch)))
   process_split = tfds.split_for_jax_process(split, drop_remainder=True)
@@ -346,6 +354,7 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
   if num_batches == 0:
     raise ValueError(f"Split {split!r} of {config.dataset.name} holds fewer examples per "
                      f"process than one batch of {per_process}; lower config.batch_size.")
-  records = builder.as_dataset(split=process_split, shuffle_files=False)
+  records = builder.as_dataset(split=process_split, shuffle_files=False,
+                               decoders=_read_features(config))
   ds = _train_dataset(records, config, per_process, start_step, num_batches, batch)
   return iter(tfds.as_numpy(ds.prefetch(config.dataset.prefetch)))

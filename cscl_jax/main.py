@@ -42,6 +42,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cscl_jax import console
+from cscl_jax import host_memory
 from cscl_jax import preemption
 from cscl_jax import train
 
@@ -75,6 +76,7 @@ def _env_int(name: str) -> int | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.retain_freed_memory()  # Before JAX's CPU client starts its threads.
   if FLAGS.verbosity <= 0:  # Unless asked for more: the run's own lines only.
     console.quiet_third_party_logs(logging.get_absl_handler())
     tfds.disable_progress_bar()  # A dataset's first build logs its start and end.

@@ -1,13 +1,15 @@
 """Tests for the CPU formulations in cscl_jax.models.layers.
 
-On CPU, 3D convolutions run as 2D convolutions over stacked frames and stride-2
-transposed convolutions as their polyphase decomposition (`layers.cpu_formulations`).
+On CPU, 3D convolutions run as 2D convolutions over stacked frames, 2D convolutions
+take their gradients as matmuls and stride-2 transposed convolutions run as their
+polyphase decomposition (`layers.cpu_formulations`).
 Both are checked against slow numpy loops and against XLA's native ops, values and
 gradients, and whole encoders against themselves with the plain ops.
 """
 
 import jax
 from jax import lax
+from jax import test_util as jtu
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,6 +75,56 @@ def test_conv3d_as_conv2d_matches_loops_and_native_gradients(kernel_shape, paddi
                    argnums=(0, 1))(x, kernel)
   for g, w in zip(grads, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def np_conv2d_grads(x, kernel, padding, g):
+  """Gradients of sum(conv2d(x, kernel) * g) by loops over the taps: (dx, dkernel)."""
+  xp = np.pad(x, ((0, 0), *padding, (0, 0)))
+  dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
+  h, w = g.shape[1:3]
+  for a, b in np.ndindex(*kernel.shape[:2]):
+    dxp[:, a:a + h, b:b + w] += g @ kernel[a, b].T
+    dk[a, b] = np.einsum("nhwc,nhwo->co", xp[:, a:a + h, b:b + w], g)
+  (top, _), (left, _) = padding
+  return dxp[:, top:top + x.shape[1], left:left + x.shape[2]], dk
+
+
+@pytest.mark.parametrize("kernel_shape, padding", [
+    ((3, 3), ((1, 1), (1, 1))),  # 'same', the encoders' convolutions
+    ((2, 2), ((0, 1), (0, 1))),  # the polyphase transposed convolutions' phases
+    ((3, 2), ((2, 0), (0, 0))),
+    ((1, 1), ((0, 0), (0, 0))),
+])
+def test_conv2d_matmul_grads_matches_loops(kernel_shape, padding):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
+  kernel = rng.normal(size=(*kernel_shape, 3, 4)).astype(np.float32)
+  y = layers.conv2d_matmul_grads(x, kernel, padding)
+  np.testing.assert_allclose(y, np_conv3d(x[:, None], kernel[None], ((0, 0), *padding))[:, 0],
+                             rtol=1e-5, atol=1e-5)
+  g = rng.normal(size=y.shape).astype(np.float32)
+  grads = jax.grad(lambda x, k: jnp.sum(layers.conv2d_matmul_grads(x, k, padding) * g),
+                   argnums=(0, 1))(x, kernel)
+  for got, want in zip(grads, np_conv2d_grads(x, kernel, padding, g)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  jtu.check_grads(lambda x, k: layers.conv2d_matmul_grads(x, k, padding), (x, kernel),
+                  order=1, modes=["rev"], atol=5e-2, rtol=5e-2)  # finite differences
+
+
+@pytest.mark.parametrize("padding, routed", [
+    ([(1, 1), (1, 1)], True), ("SAME", False), ([(3, 3), (1, 1)], False)])
+def test_conv_hook_routes_only_plain_convs(monkeypatch, padding, routed):
+  calls = []
+  monkeypatch.setattr(layers, "cpu_formulations", lambda: True)
+  monkeypatch.setattr(layers, "conv2d_matmul_grads",
+                      lambda *a: calls.append(a) or layers._conv2d(*a))
+  x, kernel = np.ones((1, 4, 4, 2), np.float32), np.ones((3, 3, 2, 2), np.float32)
+  got = layers.conv_general_dilated(x, kernel, (1, 1), padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want = lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(got, want)
+  assert bool(calls) == routed
 
 
 @pytest.mark.parametrize("ndim, kernel, padding, output_padding, size",

@@ -8,6 +8,7 @@ geometry and PyTorch's default weight initialisation.
 """
 
 from collections.abc import Sequence
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -41,18 +42,21 @@ def batch_norm(*, train: bool, axis_name: str | None, dtype: Any,
 def cpu_formulations() -> bool:
   """Whether convolutions take the CPU formulations below (decided when tracing).
 
-  XLA:CPU runs 2D convolutions and matmuls at full speed (oneDNN/Eigen GEMMs) but
-  3D and transposed convolutions on a slow generic path (jax-ml/jax#31662): there,
-  a 3D convolution becomes a 2D one and a stride-2 transposed convolution its
-  polyphase form. cuDNN and the TPU compiler handle both natively, so every other
-  backend keeps the plain ops. The choice follows `jax.default_backend()`.
+  XLA:CPU runs matmuls and forward 2D convolutions of large images at its GEMM rate
+  (YNNPACK), but 3D and transposed convolutions on a slow generic path
+  (jax-ml/jax#31662), 2D convolution gradients on one core for small images and the
+  kernel gradient at a quarter of the GEMM rate for large ones. There, a 3D convolution
+  becomes a 2D one, a 2D convolution takes its gradients as matmuls and a stride-2
+  transposed convolution runs in polyphase form. cuDNN and the TPU compiler handle all
+  of them natively, so every other backend keeps the plain ops. The choice follows
+  `jax.default_backend()`.
   """
   return jax.default_backend() == "cpu"
 
 
 def conv3d_as_conv2d(x: jax.Array, kernel: jax.Array,
                      padding: Sequence[tuple[int, int]]) -> jax.Array:
-  """Stride-1 3D convolution as one 2D convolution over (H, W).
+  """Stride-1 3D convolution as one 2D convolution over (H, W) (`conv2d_matmul_grads`).
 
   The kt temporal neighbours of every frame are stacked on the channel axis, so the
   kernel [kt, kh, kw, C, O] becomes [kh, kw, kt*C, O]: the same sums in another
@@ -71,37 +75,122 @@ def conv3d_as_conv2d(x: jax.Array, kernel: jax.Array,
   b, t = x.shape[0], x.shape[1] - kt + 1
   # [B, T', H, W, kt*C]: frame t carries frames t .. t+kt-1 of the padded series.
   x = jnp.concatenate([x[:, i:i + t] for i in range(kt)], axis=-1)
-  y = lax.conv_general_dilated(
-      x.reshape(b * t, *x.shape[2:]),
-      jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, o),
-      (1, 1), tuple(padding[1:]), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = conv2d_matmul_grads(x.reshape(b * t, *x.shape[2:]),
+                          jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, o),
+                          padding[1:])
   return y.reshape(b, t, *y.shape[1:])  # [B, T', H', W', O]
+
+
+def conv2d_matmul_grads(x: jax.Array, kernel: jax.Array,
+                        padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """Stride-1 2D convolution (lax.conv_general_dilated) whose gradients are matmuls.
+
+  Input pixel a reaches output a + pad - i through tap i, so the output gradient's
+  kh*kw shifts side by side, g9 [N, H, W, kh*kw*O], give both gradients as one matmul
+  each: input gradient = g9 @ kernel[kh*kw*O, C], kernel gradient = x^T @ g9. XLA:CPU
+  runs matmuls at its GEMM rate on every core, but convolution gradients on one core for
+  small images and the kernel gradient (a convolution over the batch) at a quarter of
+  that rate for large ones (benchmarks/README.md).
+
+  Args:
+    x: [N, H, W, C].
+    kernel: [kh, kw, C, O].
+    padding: zero padding ((top, bottom), (left, right)), each below the kernel size.
+
+  Returns:
+    [N, H', W', O] with H' = H + top + bottom - kh + 1, likewise W'.
+  """
+  padding = tuple(tuple(int(p) for p in pad) for pad in padding)
+  return _conv2d_matmul_grads(_vary_like(x, kernel), _vary_like(kernel, x), padding)
+
+
+def _vary_like(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a`, marked as varying over b's manual mesh axes too (inside shard_map).
+
+  A custom VJP must return each cotangent with its input's type, and the kernel
+  gradient of a replicated kernel under a batch-sharded input varies over the batch
+  axis: marked varying before the custom VJP, the kernel gets the sum over devices
+  that JAX's own differentiation of that mark adds. Elsewhere a no-op.
+  """
+  varying = lambda v: jax.typeof(v).manual_axis_type.varying
+  missing = tuple(sorted(varying(b) - varying(a)))
+  return lax.pcast(a, missing, to="varying") if missing else a
+
+
+def _conv2d(x, kernel, padding):
+  return lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+_conv2d_matmul_grads = jax.custom_vjp(_conv2d, nondiff_argnums=(2,))
+
+
+def _conv2d_fwd(x, kernel, padding):
+  return _conv2d(x, kernel, padding), (x, kernel)
+
+
+def _conv2d_bwd(padding, residuals, g):
+  """Input and kernel gradients of `_conv2d`; g: [N, H', W', O]."""
+  x, kernel = residuals
+  kh, kw, c, o = kernel.shape
+  (top, bottom), (left, right) = padding
+  h, w = x.shape[1:3]
+  # g9[a, (i, j)] = g[a + pad - (i, j)], zero outside: g padded by kernel - 1 - pad.
+  g = jnp.pad(g, ((0, 0), (kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right),
+                  (0, 0)))
+  g9 = jnp.concatenate([g[:, kh - 1 - i:kh - 1 - i + h, kw - 1 - j:kw - 1 - j + w]
+                        for i in range(kh) for j in range(kw)], -1)  # [N, H, W, kh*kw*O]
+  taps = jnp.transpose(kernel, (0, 1, 3, 2)).reshape(kh * kw * o, c)  # [kh*kw*O, C]
+  dx = jnp.einsum("nhwk,kc->nhwc", g9, taps)  # [N, H, W, C]
+  # The kernel gradient contracts all N*H*W pixels into a small [C, kh*kw*O]: one
+  # partial product per core, then their sum, keeps every core busy.
+  p = _contraction_splits(x.shape[0])
+  dtaps = jnp.einsum("pmc,pmk->pck", x.reshape(p, -1, c),
+                     g9.reshape(p, -1, kh * kw * o)).sum(0)  # [C, kh*kw*O]
+  return dx, jnp.transpose(dtaps.reshape(c, kh, kw, o), (1, 2, 0, 3))
+
+
+def _contraction_splits(n: int) -> int:
+  """The largest divisor of n that is at most this process's CPU core count."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(d for d in range(1, min(n, cores or 1) + 1) if n % d == 0)
+
+
+_conv2d_matmul_grads.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                          padding: Any, **kwargs) -> jax.Array:
-  """lax.conv_general_dilated, with `conv3d_as_conv2d` for 3D convolutions on CPU.
+  """lax.conv_general_dilated, in the CPU formulations above for plain 2D and 3D convs.
 
   The `conv_general_dilated` hook of nn.Conv: parameters, initialisation and dtype
-  handling stay nn.Conv's. Only stride-1, undilated, ungrouped channels-last 3D
-  convolutions with explicit padding change formulation.
+  handling stay nn.Conv's. Only stride-1, undilated, ungrouped channels-last 2D and 3D
+  convolutions with explicit padding below the kernel size change formulation: 3D ones
+  to `conv3d_as_conv2d`, 2D ones to `conv2d_matmul_grads`.
   """
-  if lhs.ndim == 5 and cpu_formulations() and _is_plain_3d(lhs, rhs, window_strides,
-                                                          padding, **kwargs):
-    return conv3d_as_conv2d(lhs, rhs, padding)
+  if cpu_formulations() and _is_plain(lhs, rhs, window_strides, padding, **kwargs):
+    if lhs.ndim == 5:
+      return conv3d_as_conv2d(lhs, rhs, padding)
+    return conv2d_matmul_grads(lhs, rhs, padding)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
 
 
-def _is_plain_3d(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
-                 *, dimension_numbers: Any = None, feature_group_count: int = 1,
-                 **dilations_and_precision) -> bool:
-  """A stride-1, undilated, ungrouped channels-last 3D conv with explicit padding."""
+def _is_plain(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+              *, dimension_numbers: Any = None, feature_group_count: int = 1,
+              **dilations_and_precision) -> bool:
+  """A stride-1, undilated, ungrouped channels-last 2D or 3D conv, padding < kernel."""
+  if lhs.ndim not in (4, 5) or isinstance(padding, str):
+    return False
+  spec = "NDHWC"[:1] + "DHW"[5 - lhs.ndim:] + "C"
   channels_last = lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                             ("NDHWC", "DHWIO", "NDHWC"))
+                                             (spec, spec[1:-1] + "IO", spec))
   dilations = [dilations_and_precision.get(k) for k in ("lhs_dilation", "rhs_dilation")]
-  return (not isinstance(padding, str) and set(window_strides) == {1}
+  return (set(window_strides) == {1} and feature_group_count == 1
           and all(d is None or set(d) == {1} for d in dilations)
-          and feature_group_count == 1 and dimension_numbers == channels_last)
+          and dimension_numbers is not None
+          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == channels_last
+          and all(0 <= p < k for pad, k in zip(padding, rhs.shape) for p in pad))
 
 
 def _phase_taps(kernel_size: int, padding: int) -> tuple[int, np.ndarray]:
