@@ -341,12 +341,13 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
   per_process = devices * per_device
   batch = lambda ds: (ds.batch(per_device, drop_remainder=True)
                       .batch(devices, drop_remainder=True))
+  decoders = _read_features(config)
   if not train:
     # The largest process share sets the number of batches of every process.
     shares = tfds.even_splits(split, n=jax.process_count(), drop_remainder=False)
     largest = max(builder.info.splits[s].num_examples for s in shares)
     records = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False,
-                                 decoders=_read_features(config))
+                                 decoders=decoders)
     ds = _eval_dataset(records, config, math.ceil(largest / per_process) * per_process, batch)
     return iter(tfds.as_numpy(ds.prefetch(config.dataset.prefetch)))
   process_split = tfds.split_for_jax_process(split, drop_remainder=True)
@@ -354,7 +355,6 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
   if num_batches == 0:
     raise ValueError(f"Split {split!r} of {config.dataset.name} holds fewer examples per "
                      f"process than one batch of {per_process}; lower config.batch_size.")
-  records = builder.as_dataset(split=process_split, shuffle_files=False,
-                               decoders=_read_features(config))
+  records = builder.as_dataset(split=process_split, shuffle_files=False, decoders=decoders)
   ds = _train_dataset(records, config, per_process, start_step, num_batches, batch)
   return iter(tfds.as_numpy(ds.prefetch(config.dataset.prefetch)))

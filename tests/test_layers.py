@@ -3,7 +3,7 @@
 On CPU, 3D convolutions run as 2D convolutions over stacked frames, 2D convolutions
 take their gradients as matmuls and stride-2 transposed convolutions run as their
 polyphase decomposition (`layers.cpu_formulations`).
-Both are checked against slow numpy loops and against XLA's native ops, values and
+All are checked against slow numpy loops and against XLA's native ops, values and
 gradients, and whole encoders against themselves with the plain ops.
 """
 
