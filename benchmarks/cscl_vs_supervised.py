@@ -17,21 +17,33 @@ config.model, so the same widths; the supervised arm keeps the encoder and its c
     (c) matched: the same pre-training (M steps), then fine-tuning N - M steps (the same
         total compute as (a)), for every f < 1;
     probe: a linear probe (config.freeze_encoder: the encoder's params get zero updates and
-        it runs in inference mode, so its BatchNorm statistics are used and kept; only the
-        classifier head trains, 1x1 for UNet3Df, the reference's 3x3 for UNet2D-ConvLSTM)
+        it runs in inference mode with fixed BatchNorm statistics; only the classifier
+        head trains, 1x1 for UNet3Df, the reference's 3x3 for UNet2D-ConvLSTM)
         for --probe_steps on the CSCL encoder pre-trained with the largest M, and on a
         randomly initialised encoder.
     >= 5 seeds.
  3. Every run validates on --select_split (validation) and keeps its best checkpoint by
     validation mIoU; after training that checkpoint is evaluated on --test_split (test)
     with cscl_jax.evaluate (the whole split; test_metrics.json in the run's workdir).
- 4. results.md: per-arm means, paired differences (CSCL - supervised; probe cscl - probe
+    BatchNorm statistics: pass --config.precise_bn_batches=K (as the README's commands do)
+    so that every evaluation, and the checkpoint it ranks, uses statistics recomputed over
+    K training batches (cscl_jax/precise_bn.py); the running averages made validation
+    mIoU swing by up to 0.4 between evaluations (benchmarks/bn_statistics.py). A probe's
+    frozen encoder gets them once, before its first step: both probes then normalise
+    with statistics of their own weights, not the random encoder's initial (0, 1) nor
+    the CSCL encoder's pre-training running averages.
+ 4. Differences from the reference, one at a time (--ablations; ABLATIONS): the paper arm
+    at M = --ablation_fraction N with the CSCL mask on, unnormalised embeddings or
+    pos_weight 1, paired with that paper arm. Run them after the main arms: rerunning
+    the command with --ablations skips every finished run.
+ 5. results.md: per-arm means, paired differences (CSCL - supervised; probe cscl - probe
     random) with 95 % t confidence intervals over seeds (benchmarks/evidence_report.py), per
     seed rows; diff.png: boundary / interior mIoU differences with their intervals;
     loss_curves.png: the fine-tuning training loss of every arm (TensorBoard events).
 
 Workdirs: <outdir>/supervised/seed_<s>, pretrain/m<M>/seed_<s>, paper/m<M>/seed_<s>,
-matched/m<M>/seed_<s>, probe/random/seed_<s>, probe/cscl_m<M>/seed_<s>. A run whose
+matched/m<M>/seed_<s>, probe/random/seed_<s>, probe/cscl_m<M>/seed_<s>,
+pretrain_<ablation>/m<M>/seed_<s>, paper_<ablation>/m<M>/seed_<s>. A run whose
 metrics.json holds its last step is skipped and an interrupted one resumes from its
 checkpoint, so rerunning the command resumes; test_metrics.json is kept likewise.
 
@@ -43,6 +55,7 @@ checkpoint, so rerunning the command resumes; test_metrics.json is kept likewise
       --config.num_train_steps=<N>
 """
 
+from collections.abc import Sequence
 import json
 import os
 import sys
@@ -66,6 +79,11 @@ flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; each trains every 
 flags.DEFINE_list("pretrain_fractions", ["0.125", "0.25", "0.5", "1"],
                   "CSCL pre-training steps M as fractions of N = config.num_train_steps.")
 flags.DEFINE_integer("probe_steps", -1, "Linear-probe steps; -1: N // 4; 0: no probe.")
+flags.DEFINE_list("ablations", [], "Reference settings changed one at a time in the paper "
+                  "arm at M = --ablation_fraction N, each paired with that paper arm: "
+                  "mask, no_norm_emb, pos_weight_1 (ABLATIONS).")
+flags.DEFINE_float("ablation_fraction", 0.25, "M of the ablations as a fraction of N; one "
+                   "of --pretrain_fractions.")
 flags.DEFINE_bool("learning_curve", False,
                   "Only train the supervised arm and plot its validation mIoU vs steps.")
 flags.DEFINE_string("select_split", "validation", "Split the runs validate on.")
@@ -75,6 +93,17 @@ config_flags.DEFINE_config_file("config", "configs/finetune.py:quick",
 flags.mark_flags_as_required(["outdir"])
 
 TEST_METRICS = "test_metrics.json"
+# Pre-training settings of the reference that the ablations change, one at a time:
+# name -> (config field, value in the ablation).
+ABLATIONS = {
+    # The CSCL mask: pairs with an unknown pixel, out-of-image neighbours and the centre
+    # leave the loss (the reference counts unknown as one more class: mask off).
+    "mask": ("cscl.use_mask", True),
+    # Dot products of unnormalised embeddings instead of cosine similarities.
+    "no_norm_emb": ("model.norm_emb", False),
+    # Positive (same-class) pairs weighted 1 instead of the reference's 0.125.
+    "pos_weight_1": ("cscl.pos_weight", 1.0),
+}
 
 
 def pretrain_steps(total: int, fractions: list[float]) -> list[int]:
@@ -92,16 +121,24 @@ def pretrain_steps(total: int, fractions: list[float]) -> list[int]:
 
 
 def seed_runs(base: ml_collections.ConfigDict, seed: int, steps_m: list[int],
-              probe_steps: int, select_split: str, outdir: str
+              probe_steps: int, select_split: str, outdir: str,
+              ablations: Sequence[str] = (), ablation_m: int = 0
               ) -> dict[str, tuple[ml_collections.ConfigDict, str]]:
-  """The runs of one seed, name -> (config, workdir), in an order that can run them."""
+  """The runs of one seed, name -> (config, workdir), in an order that can run them.
+
+  Each of `ablations` (keys of ABLATIONS) adds pretrain_<name>/m<ablation_m> and
+  paper_<name>/m<ablation_m>: the paper arm with that one setting changed.
+  """
   total = base.num_train_steps
 
-  def make(name, stage, steps, init_from="", freeze=False):
+  def make(name, stage, steps, init_from="", freeze=False, change=None):
     config = base.copy_and_resolve_references()
     config.seed, config.num_train_steps, config.model.stage = seed, steps, stage
     config.dataset.eval_split, config.init_from = select_split, init_from
     config.freeze_encoder = freeze
+    if change:
+      (section, field), value = change[0].split("."), change[1]
+      config[section][field] = value
     return config, os.path.join(outdir, name, f"seed_{seed}")
 
   runs = {"supervised": make("supervised", "supervised", total)}
@@ -115,13 +152,25 @@ def seed_runs(base: ml_collections.ConfigDict, seed: int, steps_m: list[int],
     runs["probe/random"] = make("probe/random", "supervised", probe_steps, freeze=True)
     runs[f"probe/cscl_m{m}"] = make(f"probe/cscl_m{m}", "finetune", probe_steps,
                                     runs[f"pretrain/m{m}"][1], freeze=True)
+  for name in ablations:
+    m, change = ablation_m, ABLATIONS[name]
+    pre = make(f"pretrain_{name}/m{m}", "pretrain", m, change=change)
+    runs[f"pretrain_{name}/m{m}"] = pre
+    runs[f"paper_{name}/m{m}"] = make(f"paper_{name}/m{m}", "finetune", total, pre[1],
+                                      change=change)
   return runs
 
 
 def baselines_of(arms: list[str]) -> dict[str, str]:
-  """Arm -> the arm its paired difference subtracts."""
-  return {a: "probe/random" if a.startswith("probe/cscl") else "supervised" for a in arms
-          if a not in ("supervised", "probe/random")}
+  """Arm -> the arm its paired difference subtracts (an ablation: its paper arm)."""
+  def baseline(arm):
+    if arm.startswith("probe/cscl"):
+      return "probe/random"
+    if arm.startswith("paper_"):
+      return "paper/" + arm.split("/", 1)[1]
+    return "supervised"
+
+  return {a: baseline(a) for a in arms if a not in ("supervised", "probe/random")}
 
 
 def train_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> dict:
@@ -200,19 +249,31 @@ def main(argv):
   steps_m = pretrain_steps(base.num_train_steps,
                            [float(f) for f in FLAGS.pretrain_fractions])
   probe_steps = base.num_train_steps // 4 if FLAGS.probe_steps < 0 else FLAGS.probe_steps
+  unknown = set(FLAGS.ablations) - set(ABLATIONS)
+  if unknown:
+    raise app.UsageError(f"--ablations {sorted(unknown)}: choose from {sorted(ABLATIONS)}.")
+  ablation_m = 0
+  if FLAGS.ablations:
+    (ablation_m,) = pretrain_steps(base.num_train_steps, [FLAGS.ablation_fraction])
+  if FLAGS.ablations and ablation_m not in steps_m:
+    raise app.UsageError(f"--ablation_fraction={FLAGS.ablation_fraction} (M={ablation_m}) "
+                         "is not one of --pretrain_fractions: its paper arm is the "
+                         "ablations' baseline.")
   results, pretrain, losses = {}, {}, {}
   for seed in seeds:
-    runs = seed_runs(base, seed, steps_m, probe_steps, FLAGS.select_split, outdir)
+    runs = seed_runs(base, seed, steps_m, probe_steps, FLAGS.select_split, outdir,
+                     FLAGS.ablations, ablation_m)
     for name, (config, workdir) in runs.items():
       scores = train_run(config, workdir, f"{name} seed {seed}")
-      if name.startswith("pretrain/"):
+      if name.startswith("pretrain"):
         pretrain.setdefault(name, {})[seed] = scores
         continue
       results.setdefault(name, {})[seed] = evaluate_best(config, workdir, FLAGS.test_split)
       if not name.startswith("probe/"):
         losses.setdefault(name, []).append(report.read_scalars(workdir, "train/loss"))
   setup = (describe(base, len(seeds)) + f"; M in {steps_m}, probe {probe_steps} steps; "
-           f"best on '{FLAGS.select_split}', evaluated on '{FLAGS.test_split}'")
+           + (f"ablations {FLAGS.ablations} at M={ablation_m}; " if FLAGS.ablations else "")
+           + f"best on '{FLAGS.select_split}', evaluated on '{FLAGS.test_split}'")
   command = " ".join(["python -m benchmarks.cscl_vs_supervised"] + sys.argv[1:])
   baselines = baselines_of(list(results))
   table = report.results_table(results, baselines, pretrain,

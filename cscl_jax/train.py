@@ -39,6 +39,7 @@ from cscl_jax import cscl
 from cscl_jax import input_pipeline
 from cscl_jax import metrics
 from cscl_jax import models
+from cscl_jax import precise_bn
 from cscl_jax import preemption
 from cscl_jax import visualize
 from cscl_jax.models import segmenter
@@ -279,6 +280,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.init_from and config.model.stage != "finetune":
     raise ValueError(f"config.init_from is only used to fine-tune; stage "
                      f"{config.model.stage!r} starts from scratch: drop --config.init_from.")
+  if config.precise_bn_batches < 0:
+    raise ValueError(f"config.precise_bn_batches={config.precise_bn_batches}; use 0 (keep "
+                     "the running statistics) or a number of training batches.")
   every = {k: config[k] for k in ("log_every_steps", "eval_every_steps",
                                   "checkpoint_every_steps")}
   if min(every.values()) < 1:
@@ -299,6 +303,16 @@ def check_model_shapes(model: Any, config: ml_collections.ConfigDict) -> int:
                            jnp.float32)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["params"]))
+
+
+def _with_precise_bn(p_statistics_step, state, step, config, info):
+  """`state` with BatchNorm statistics recomputed over the next precise_bn_batches batches."""
+  if not config.precise_bn_batches or not jax.tree.leaves(state.batch_stats):
+    return state
+  batches = input_pipeline.create_split(config, config.dataset.train_split, train=True,
+                                        start_step=step, info=info)
+  return state.replace(batch_stats=precise_bn.recompute(
+      p_statistics_step, state, itertools.islice(batches, config.precise_bn_batches)))
 
 
 def _eval_and_report(p_eval_step, state, step, config, workdir, info, writer):
@@ -377,8 +391,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           axis_name=AXIS, donate_argnums=(0,))
   p_eval_step = jax.pmap(functools.partial(eval_step, config=config, axis_name=AXIS),
                          axis_name=AXIS)
+  p_statistics_step = jax.pmap(functools.partial(precise_bn.batch_statistics,
+                                                 seed=config.seed), axis_name=AXIS)
   # Replicated over the same mesh axis as pmap's outputs: no recompilation at step 2.
   state = jax_utils.replicate(state, axis_name=AXIS)
+  if config.freeze_encoder and start_step == 0:
+    # A frozen network runs in inference mode with fixed weights: its statistics are
+    # recomputed once, before the first step, and kept (the head trains on them).
+    state = _with_precise_bn(p_statistics_step, state, 0, config, info)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps,
       every_secs=None)
@@ -403,7 +423,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           history = []
         report_progress(step)  # After the wait for the step's results: honest steps/s.
         if do_eval:
-          with report_progress.timed("eval"):
+          with report_progress.timed("eval"):  # The checkpoint keeps these statistics.
+            if not config.freeze_encoder:
+              state = _with_precise_bn(p_statistics_step, state, step, config, info)
             scores, eval_done_at = eval_and_report(state, step), step
         if do_save:
           checkpoints.save(manager, step, jax_utils.unreplicate(state),

@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from benchmarks import cscl_vs_supervised
 from benchmarks import evidence_report
+from configs import test as test_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +55,7 @@ def _benchmark(outdir: str, data_dir: str, cache_dir: str) -> str:
        "--seeds=0,1", "--pretrain_fractions=0.5,1", "--probe_steps=1",
        "--config=configs/test.py", f"--config.dataset.data_dir={data_dir}",
        "--config.num_train_steps=2", "--config.eval_every_steps=100",
-       "--config.checkpoint_every_steps=100"],
+       "--config.checkpoint_every_steps=100", "--config.precise_bn_batches=1"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
@@ -64,6 +66,27 @@ def _rows(table: str, first_cell: str) -> list[list[str]]:
   rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
           if line.startswith("|")]
   return [r for r in rows if r[0] == first_cell]
+
+
+def test_ablations_change_one_pretraining_setting_and_pair_with_the_paper_arm():
+  base = test_config.get_config()
+  base.num_train_steps = 8
+  names = sorted(cscl_vs_supervised.ABLATIONS)
+  runs = cscl_vs_supervised.seed_runs(base, 3, [2, 8], 2, "validation", "/out", names, 2)
+  plain = {n: c for n, (c, _) in runs.items()}
+  flat = lambda c: {f"{s}.{k}": v for s in ("model", "cscl") for k, v in c[s].items()}
+  for name, (field, value) in cscl_vs_supervised.ABLATIONS.items():
+    pre, pre_dir = runs[f"pretrain_{name}/m2"]
+    paper, _ = runs[f"paper_{name}/m2"]
+    assert pre_dir == f"/out/pretrain_{name}/m2/seed_3" and paper.init_from == pre_dir
+    for changed, reference in ((pre, plain["pretrain/m2"]), (paper, plain["paper/m2"])):
+      differ = {k for k, v in flat(changed).items() if flat(reference)[k] != v}
+      assert differ == {field} and flat(changed)[field] == value
+    assert (paper.seed, paper.num_train_steps, pre.num_train_steps) == (3, 8, 2)
+  baselines = cscl_vs_supervised.baselines_of(list(runs))
+  assert baselines["paper_mask/m2"] == "paper/m2"
+  assert baselines["paper/m2"] == baselines["matched/m2"] == "supervised"
+  assert baselines["probe/cscl_m8"] == "probe/random"
 
 
 def test_all_arms_paired_intervals_and_resuming(tmp_path):

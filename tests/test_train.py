@@ -332,3 +332,37 @@ def test_x4_pretrain_then_finetune_at_label_resolution(data_dir, tmp_path, monke
   assert shown == [((8, 8), (32, 32), (32, 32))]
   # The up-blocks belong to the encoder: fine-tuning starts from the pre-trained ones.
   assert {"conv_out_x2", "conv_out_x4"} <= set(_latest_params(fine)[1]["encoder"])
+
+
+@pytest.mark.parametrize("stage,freeze,batch_of_step", [("pretrain", False, 2),
+                                                         ("supervised", True, 0)])
+def test_precise_bn_checkpoint_normalises_like_training_mode(data_dir, tmp_path, stage,
+                                                             freeze, batch_of_step):
+  """With precise_bn_batches=1 the statistics saved at step 2 are those of one training
+  batch: the one after step 2, or for a frozen encoder the first (recomputed once, before
+  training, and kept). In inference mode the model then computes what training mode
+  computes on that batch."""
+  config = _run_config(data_dir, 2, precise_bn_batches=1, freeze_encoder=freeze)
+  config.model.stage = stage
+  train.train_and_evaluate(config, str(tmp_path))
+  manager = checkpoints.create_manager(str(tmp_path), keep=1, best_metric="loss",
+                                       best_mode="min")
+  saved = manager.restore(2)
+  batch = next(input_pipeline.create_split(config, "train", train=True,
+                                           start_step=batch_of_step))
+  inputs = batch["inputs"].reshape((-1,) + batch["inputs"].shape[2:])  # the global batch
+  model = models.create_model(config.model)  # No device axis: statistics over all 8.
+  variables = {"params": saved["params"], "batch_stats": saved["batch_stats"]}
+  inference = model.apply(variables, inputs, train=False)
+  training, _ = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(inference, training, rtol=1e-4, atol=1e-5)
+  # Other statistics (the initial ones) do not.
+  initial = model.init(jax.random.key(0), inputs[:1], train=False)["batch_stats"]
+  inference = model.apply({"params": saved["params"], "batch_stats": initial}, inputs,
+                          train=False)
+  assert not np.allclose(inference, training, rtol=1e-4, atol=1e-5)
+
+
+def test_precise_bn_batches_must_not_be_negative(data_dir, tmp_path):
+  with pytest.raises(ValueError, match="precise_bn_batches=-1"):
+    train.train_and_evaluate(_run_config(data_dir, 2, precise_bn_batches=-1), str(tmp_path))
