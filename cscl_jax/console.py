@@ -59,6 +59,11 @@ def run_lines(config: ml_collections.ConfigDict, workdir: str, info: Any, num_pa
   m, d = config.model, config.dataset
   eval_examples = ("the whole split" if config.num_eval_batches < 1 else
                    f"its first {config.num_eval_batches} batches")
+  if config.precise_bn_batches:
+    n = config.precise_bn_batches
+    eval_examples += (f", BatchNorm statistics recomputed over {n} training "
+                      f"batch{'es' if n > 1 else ''}" + (" once" if config.freeze_encoder
+                                                        else ""))
   return [
       f"{m.stage} of {m.name} ({num_params:,} parameters), workdir {workdir}, "
       + (f"resuming at step {start_step}." if start_step else "fresh start."),

@@ -336,15 +336,18 @@ def test_x4_pretrain_then_finetune_at_label_resolution(data_dir, tmp_path, monke
 
 @pytest.mark.parametrize("stage,freeze,batch_of_step", [("pretrain", False, 2),
                                                          ("supervised", True, 0)])
-def test_precise_bn_checkpoint_normalises_like_training_mode(data_dir, tmp_path, stage,
-                                                             freeze, batch_of_step):
+def test_precise_bn_checkpoint_normalises_like_training_mode(data_dir, tmp_path, caplog,
+                                                             stage, freeze, batch_of_step):
   """With precise_bn_batches=1 the statistics saved at step 2 are those of one training
   batch: the one after step 2, or for a frozen encoder the first (recomputed once, before
   training, and kept). In inference mode the model then computes what training mode
   computes on that batch."""
   config = _run_config(data_dir, 2, precise_bn_batches=1, freeze_encoder=freeze)
   config.model.stage = stage
-  train.train_and_evaluate(config, str(tmp_path))
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert ("BatchNorm statistics recomputed over 1 training batch" + " once" * freeze
+          + ")") in caplog.text
   manager = checkpoints.create_manager(str(tmp_path), keep=1, best_metric="loss",
                                        best_mode="min")
   saved = manager.restore(2)
