@@ -210,8 +210,9 @@ def describe(base: ml_collections.ConfigDict, num_seeds: int) -> str:
   m, d = base.model, base.dataset
   return (f"{m.name} f={m.num_features} emb={m.emb_channels} attn={m.attn_channels}, "
           f"{d.name}/{d.config} {m.img_res}x{m.img_res} T={m.max_seq_len}, batch "
-          f"{base.batch_size}, lr {base.learning_rate}, N={base.num_train_steps}; "
-          f"{num_seeds} seeds")
+          f"{base.batch_size}, lr {base.learning_rate}, N={base.num_train_steps}, BatchNorm "
+          + (f"statistics of {base.precise_bn_batches} batches" if base.precise_bn_batches
+             else "running statistics") + f"; {num_seeds} seeds")
 
 
 def learning_curve(base: ml_collections.ConfigDict, seeds: list[int], outdir: str) -> None:
