@@ -10,7 +10,6 @@ loop) for each K in --batches. Prints a markdown table (and writes it to --out).
 """
 
 import functools
-import itertools
 import time
 
 from absl import app
@@ -48,10 +47,8 @@ def scores_row(step: int, state, config, info, p_eval_step, p_statistics_step,
   state = jax_utils.replicate(state, axis_name=train.AXIS)
   row = [evaluate(state)]
   for k in batches:
-    batch_iter = input_pipeline.create_split(config, config.dataset.train_split, train=True,
-                                             start_step=step, info=info)
-    stats = precise_bn.recompute(p_statistics_step, state, itertools.islice(batch_iter, k))
-    row.append(evaluate(state.replace(batch_stats=stats)))
+    row.append(evaluate(train.with_precise_bn(p_statistics_step, state, step, k, config,
+                                              info)))
   return row
 
 

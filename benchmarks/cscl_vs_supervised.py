@@ -256,10 +256,10 @@ def main(argv):
   ablation_m = 0
   if FLAGS.ablations:
     (ablation_m,) = pretrain_steps(base.num_train_steps, [FLAGS.ablation_fraction])
-  if FLAGS.ablations and ablation_m not in steps_m:
-    raise app.UsageError(f"--ablation_fraction={FLAGS.ablation_fraction} (M={ablation_m}) "
-                         "is not one of --pretrain_fractions: its paper arm is the "
-                         "ablations' baseline.")
+    if ablation_m not in steps_m:
+      raise app.UsageError(f"--ablation_fraction={FLAGS.ablation_fraction} (M={ablation_m}) "
+                           "is not one of --pretrain_fractions: its paper arm is the "
+                           "ablations' baseline.")
   results, pretrain, losses = {}, {}, {}
   for seed in seeds:
     runs = seed_runs(base, seed, steps_m, probe_steps, FLAGS.select_split, outdir,

@@ -7,7 +7,7 @@ statistics of the final weights: on sits_synthetic a UNet3Df's validation mIoU s
 0.80 -> 0.41 -> 0.69 between neighbouring evaluations while its training loss fell
 smoothly, and 0.41 became 0.86 with recomputed statistics (benchmarks/results/).
 
-`recompute` replaces them by the mean, over `num_batches` training batches, of each
+`recompute` replaces them by the mean, over many training batches, of each
 batch's statistics under the current weights ("precise BN", Wu & Johnson 2021, "Rethinking
 'Batch' in BatchNorm", §3): mean of the batch means and of the batch variances.
 """

@@ -305,14 +305,16 @@ def check_model_shapes(model: Any, config: ml_collections.ConfigDict) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["params"]))
 
 
-def _with_precise_bn(p_statistics_step, state, step, config, info):
-  """`state` with BatchNorm statistics recomputed over the next precise_bn_batches batches."""
-  if not config.precise_bn_batches or not jax.tree.leaves(state.batch_stats):
+def with_precise_bn(p_statistics_step: Any, state: TrainState, step: int, num_batches: int,
+                    config: ml_collections.ConfigDict, info: Any) -> TrainState:
+  """`state` with BatchNorm statistics recomputed over the `num_batches` training batches
+  after `step` (`precise_bn.recompute`); unchanged for 0 or a model without BatchNorm."""
+  if not num_batches or not jax.tree.leaves(state.batch_stats):
     return state
   batches = input_pipeline.create_split(config, config.dataset.train_split, train=True,
                                         start_step=step, info=info)
   return state.replace(batch_stats=precise_bn.recompute(
-      p_statistics_step, state, itertools.islice(batches, config.precise_bn_batches)))
+      p_statistics_step, state, itertools.islice(batches, num_batches)))
 
 
 def _eval_and_report(p_eval_step, state, step, config, workdir, info, writer):
@@ -398,7 +400,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.freeze_encoder and start_step == 0:
     # A frozen network runs in inference mode with fixed weights: its statistics are
     # recomputed once, before the first step, and kept (the head trains on them).
-    state = _with_precise_bn(p_statistics_step, state, 0, config, info)
+    state = with_precise_bn(p_statistics_step, state, 0, config.precise_bn_batches,
+                            config, info)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps,
       every_secs=None)
@@ -425,7 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if do_eval:
           with report_progress.timed("eval"):  # The checkpoint keeps these statistics.
             if not config.freeze_encoder:
-              state = _with_precise_bn(p_statistics_step, state, step, config, info)
+              state = with_precise_bn(p_statistics_step, state, step,
+                                      config.precise_bn_batches, config, info)
             scores, eval_done_at = eval_and_report(state, step), step
         if do_save:
           checkpoints.save(manager, step, jax_utils.unreplicate(state),
