@@ -23,6 +23,7 @@ from cscl_jax import checkpoints
 from cscl_jax import host_memory
 from cscl_jax import input_pipeline
 from cscl_jax import precise_bn
+from cscl_jax import steps
 from cscl_jax import train
 
 FLAGS = flags.FLAGS
@@ -44,7 +45,7 @@ def scores_row(step: int, state, config, info, p_eval_step, p_statistics_step,
         class_names=info.class_names, stage=config.model.stage)
     return scores["miou"], scores["loss"]
 
-  state = jax_utils.replicate(state, axis_name=train.AXIS)
+  state = jax_utils.replicate(state, axis_name=steps.AXIS)
   row = [evaluate(state)]
   for k in batches:
     row.append(evaluate(train.with_precise_bn(p_statistics_step, state, step, k, config,
@@ -65,10 +66,10 @@ def main(argv):
   steps = [int(s) for s in FLAGS.steps] or sorted(
       int(p.name) for p in saved.iterdir() if p.name.isdigit())
   batches = [int(k) for k in FLAGS.batches]
-  p_eval_step = jax.pmap(functools.partial(train.eval_step, config=config,
-                                           axis_name=train.AXIS), axis_name=train.AXIS)
+  p_eval_step = jax.pmap(functools.partial(steps.eval_step, config=config,
+                                           axis_name=steps.AXIS), axis_name=steps.AXIS)
   p_statistics_step = jax.pmap(functools.partial(precise_bn.batch_statistics,
-                                                 seed=config.seed), axis_name=train.AXIS)
+                                                 seed=config.seed), axis_name=steps.AXIS)
   lines = [f"{FLAGS.workdir}, {FLAGS.split} split: mIoU / loss.\n",
            "| step | running | " + " | ".join(f"recomputed, K={k}" for k in batches) + " |",
            "| --- |" + " --- |" * (len(batches) + 1)]

@@ -31,6 +31,7 @@ from rasterio.windows import Window
 from benchmarks import train_step
 from cscl_jax import maps
 from cscl_jax import predict
+from cscl_jax import steps
 from cscl_jax import tiling
 from cscl_jax import train
 from cscl_jax.datagen import fake_products
@@ -70,8 +71,8 @@ def main():
   config.batch_size = args.batch_size
   size = config.model.img_res
   model = train.models.create_model(config.model)
-  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   train.learning_rate_schedule(config, 1))
+  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   steps.learning_rate_schedule(config, 1))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   forward = predict.make_forward(config, variables, args.batch_size)
   zeros = lambda x: np.zeros((len(x), size, size, config.model.num_classes), np.float32)

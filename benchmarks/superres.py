@@ -38,6 +38,7 @@ from cscl_jax import checkpoints
 from cscl_jax import input_pipeline
 from cscl_jax import metrics
 from cscl_jax import models
+from cscl_jax import steps
 from cscl_jax import train
 from cscl_jax import visualize
 
@@ -65,8 +66,8 @@ def train_model(magnification: int, steps: int, learning_rate: float,
   train.train_and_evaluate(config, workdir)
   seconds = time.perf_counter() - start
   model = models.create_model(config.model)
-  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   train.learning_rate_schedule(config, 1))
+  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   steps.learning_rate_schedule(config, 1))
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints,
                                        best_metric="miou", best_mode="max")
   state = checkpoints.restore_latest(manager, state)
@@ -121,12 +122,12 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 def step_cost(magnification: int, stage: str, repeats: int) -> tuple[float, float]:
   """(compiled train step MiB, median step s) at the `:quick` shapes."""
   config = make_config(magnification, stage)
-  model = models.create_model(config.model, axis_name=train.AXIS)
-  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   train.learning_rate_schedule(config, 100))
-  state = jax_utils.replicate(state, axis_name=train.AXIS)
-  step = jax.pmap(functools.partial(train.train_step, config=config, axis_name=train.AXIS),
-                  axis_name=train.AXIS)
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   steps.learning_rate_schedule(config, 100))
+  state = jax_utils.replicate(state, axis_name=steps.AXIS)
+  step = jax.pmap(functools.partial(steps.train_step, config=config, axis_name=steps.AXIS),
+                  axis_name=steps.AXIS)
   batch = random_batch(config)
   mib = measure.compiled_bytes(step.lower(state, batch).compile()) / 2**20
   seconds = measure.median_times({"step": step}, (state, batch), repeats)["step"]

@@ -1,6 +1,6 @@
 """Training throughput: the real pre-training and fine-tuning steps, beside the PyTorch original.
 
-Times `train.train_step` (model, CSCL or cross-entropy loss, gradients averaged over the
+Times `steps.train_step` (model, CSCL or cross-entropy loss, gradients averaged over the
 devices, Adam update, BatchNorm statistics) under `jax.pmap` on every local device, as
 `train.train_and_evaluate` runs it, on a fixed random batch at the reference shapes of
 SPEC.md §2 (UNet3Df and UNet3D: 14 channels, T = 16, 48x48, f = 16; UNet2D-ConvLSTM: 15
@@ -37,6 +37,7 @@ import numpy as np
 from configs import common
 from cscl_jax import host_memory
 from cscl_jax import models
+from cscl_jax import steps
 from cscl_jax import train
 
 REFERENCE = {
@@ -87,15 +88,15 @@ def build_step(config, variables: dict[str, Any] | None = None) -> tuple[Callabl
     config: the run's config.
     variables: {"params", "batch_stats"} to start from; None: the model's init.
   """
-  model = models.create_model(config.model, dtype=config.dtype, axis_name=train.AXIS)
-  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   train.learning_rate_schedule(config, 100))
+  model = models.create_model(config.model, dtype=config.dtype, axis_name=steps.AXIS)
+  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   steps.learning_rate_schedule(config, 100))
   if variables is not None:
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=state.tx.init(variables["params"]))
-  state = jax_utils.replicate(state, axis_name=train.AXIS)
-  step = jax.pmap(functools.partial(train.train_step, config=config, axis_name=train.AXIS),
-                  axis_name=train.AXIS, donate_argnums=(0,))
+  state = jax_utils.replicate(state, axis_name=steps.AXIS)
+  step = jax.pmap(functools.partial(steps.train_step, config=config, axis_name=steps.AXIS),
+                  axis_name=steps.AXIS, donate_argnums=(0,))
   return step, state
 
 

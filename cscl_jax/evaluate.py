@@ -26,6 +26,7 @@ from cscl_jax import checkpoints
 from cscl_jax import console
 from cscl_jax import input_pipeline
 from cscl_jax import metrics
+from cscl_jax import steps
 from cscl_jax import train
 from cscl_jax import visualize
 
@@ -58,8 +59,8 @@ def evaluate_checkpoint(workdir: str, split: str, checkpoint: str,
   state, step = train.restore_state(workdir, config, checkpoint)
   logging.info("Evaluating step %d of %s on %s (%d examples).", step, workdir, split,
                info.num_examples[split])
-  p_eval_step = jax.pmap(functools.partial(train.eval_step, config=config,
-                                           axis_name=train.AXIS), axis_name=train.AXIS)
+  p_eval_step = jax.pmap(functools.partial(steps.eval_step, config=config,
+                                           axis_name=steps.AXIS), axis_name=steps.AXIS)
   confusions = []  # Summed confusion matrices [3, N, N] of each batch (segmentation).
 
   def eval_step_keeping_confusions(state, batch):
@@ -69,7 +70,7 @@ def evaluate_checkpoint(workdir: str, split: str, checkpoint: str,
     return sums, outputs
 
   scores, _, _ = train.evaluate(
-      eval_step_keeping_confusions, jax_utils.replicate(state, axis_name=train.AXIS),
+      eval_step_keeping_confusions, jax_utils.replicate(state, axis_name=steps.AXIS),
       input_pipeline.create_split(config, split, train=False, info=info),
       class_names=info.class_names, stage=config.model.stage)
   logging.info("%s at step %d: %s", split, step, console.headline(scores))

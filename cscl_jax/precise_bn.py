@@ -25,7 +25,7 @@ from cscl_jax.models import layers
 def batch_statistics(state: Any, batch: dict[str, jax.Array], *, seed: int) -> Any:
   """This batch's BatchNorm statistics: every norm's batch "mean" and "var".
 
-  The model runs in training mode (as `train.train_step`'s forward pass, dropout
+  The model runs in training mode (as `steps.train_step`'s forward pass, dropout
   included) from zeroed running statistics. Every norm is a `layers.batch_norm`, updated
   once a forward pass to momentum * old + (1 - momentum) * batch statistic, so its update
   divided by (1 - momentum) is the batch's statistic. Under pmap / shard_map the norms

@@ -25,6 +25,7 @@ from cscl_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from cscl_jax import convert
 from cscl_jax import cscl
 from cscl_jax import models
+from cscl_jax import steps
 from cscl_jax import train
 from cscl_jax.models import layers
 from cscl_jax.models import unet2d_convlstm
@@ -337,13 +338,13 @@ def test_cli_writes_a_checkpoint_that_finetuning_loads(tmp_path, capsys):
   # One fine-tuning step of train.py from the converted encoder (one device: a vmap axis).
   config = test_config.get_config()
   config.model.update(model_config.to_dict())
-  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2),
+  state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2),
                                   batch_stats=batch_stats)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.normal(size=(1, 2, 4, 8, 8, 3)).astype(np.float32),
            "labels": rng.integers(0, 6, size=(1, 2, 8, 8)).astype(np.int32)}
   batch["valid"] = batch["labels"] < 5
-  step = jax.vmap(functools.partial(train.train_step, config=config, axis_name="batch"),
+  step = jax.vmap(functools.partial(steps.train_step, config=config, axis_name="batch"),
                   in_axes=(None, 0), axis_name="batch")
   stepped, step_metrics = step(state, batch)
   assert np.isfinite(step_metrics["loss"]).all() and int(stepped.step[0]) == 1

@@ -33,6 +33,7 @@ from cscl_jax import checkpoints
 from cscl_jax import input_pipeline
 from cscl_jax import models
 from cscl_jax import preemption
+from cscl_jax import steps
 from cscl_jax import train
 from configs import test as test_config
 
@@ -62,9 +63,9 @@ def _config(stage: str):
 def _initial_state(config):
   """The tiny model with plain SGD: Adam would turn float noise in zero gradients into
   full-size steps, which no tolerance could compare."""
-  model = models.create_model(config.model, axis_name=train.AXIS)
-  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   train.learning_rate_schedule(config, 10))
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   steps.learning_rate_schedule(config, 10))
   tx = optax.sgd(LEARNING_RATE)
   return state.replace(tx=tx, opt_state=tx.init(state.params))
 
@@ -90,27 +91,27 @@ def _this_process_share(batch):
 
 
 def _train_pmap(config):
-  """NUM_STEPS of `train.train_step` under pmap on every process, as the loop runs them."""
-  step = jax.pmap(functools.partial(train.train_step, config=config, axis_name=train.AXIS),
-                  axis_name=train.AXIS)
-  state = jax_utils.replicate(_initial_state(config), axis_name=train.AXIS)
+  """NUM_STEPS of `steps.train_step` under pmap on every process, as the loop runs them."""
+  step = jax.pmap(functools.partial(steps.train_step, config=config, axis_name=steps.AXIS),
+                  axis_name=steps.AXIS)
+  state = jax_utils.replicate(_initial_state(config), axis_name=steps.AXIS)
   for batch in _global_batches(config):
     state, _ = step(state, _this_process_share(batch))
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], state.params)
 
 
 def _train_shard_map(config, devices):
-  """NUM_STEPS of `train.train_step` under jit(shard_map) over `devices` (of any process)."""
-  mesh = Mesh(np.array(devices), (train.AXIS,))
+  """NUM_STEPS of `steps.train_step` under jit(shard_map) over `devices` (of any process)."""
+  mesh = Mesh(np.array(devices), (steps.AXIS,))
   step = jax.jit(jax.shard_map(
-      functools.partial(train.train_step, config=config, axis_name=train.AXIS), mesh=mesh,
-      in_specs=(P(), P(train.AXIS)), out_specs=P()))
+      functools.partial(steps.train_step, config=config, axis_name=steps.AXIS), mesh=mesh,
+      in_specs=(P(), P(steps.AXIS)), out_specs=P()))
   state = jax.device_put(_initial_state(config), NamedSharding(mesh, P()))
   compiled = None
   for batch in _global_batches(config):
     share = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), _this_process_share(batch))
     batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        NamedSharding(mesh, P(train.AXIS)), x), share)
+        NamedSharding(mesh, P(steps.AXIS)), x), share)
     # Tiny arrays: compilation dominates, so skip XLA's backend optimisations.
     compiled = compiled or step.lower(state, batch).compile(
         {"xla_backend_optimization_level": 0})

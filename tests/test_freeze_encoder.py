@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cscl_jax import models
-from cscl_jax import train
+from cscl_jax import steps
 from configs import test as test_config
 
 
@@ -15,8 +15,8 @@ def _state_and_batch(name: str, stage: str, freeze: bool):
   config = test_config.get_config()
   config.model.name, config.model.stage, config.freeze_encoder = name, stage, freeze
   model = models.create_model(config.model, axis_name="batch")
-  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   train.learning_rate_schedule(config, 10))
+  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   steps.learning_rate_schedule(config, 10))
   m, rng = config.model, np.random.default_rng(0)
   batch = {"inputs": rng.normal(size=(1, 2, m.max_seq_len, m.img_res, m.img_res,
                                       m.num_channels)).astype(np.float32),
@@ -26,7 +26,7 @@ def _state_and_batch(name: str, stage: str, freeze: bool):
 
 
 def _step(config, state, batch):
-  step = jax.pmap(functools.partial(train.train_step, config=config, axis_name="batch"),
+  step = jax.pmap(functools.partial(steps.train_step, config=config, axis_name="batch"),
                   axis_name="batch", devices=jax.devices()[:1])
   new, _ = step(jax.tree.map(lambda x: np.stack([x]), state), batch)
   return jax.tree.map(lambda x: np.asarray(x[0]), new)

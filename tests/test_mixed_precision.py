@@ -1,6 +1,6 @@
 """bfloat16 mixed precision (config.dtype): bf16 activations, float32 state and losses.
 
-The tiny model of configs/test.py takes one `train.train_step` on one device in float32 and
+The tiny model of configs/test.py takes one `steps.train_step` on one device in float32 and
 in bfloat16 from the same initial parameters: the losses must agree within bfloat16's
 precision, and the bf16 step must leave finite float32 parameters, optimizer state and
 BatchNorm statistics.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cscl_jax import models
-from cscl_jax import train
+from cscl_jax import steps
 from configs import test as test_config
 
 # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); through the tiny
@@ -38,13 +38,13 @@ def _one_step(stage: str, dtype: str):
   """(state before, state after, metrics) of one train step on one device."""
   config = test_config.get_config()
   config.model.stage, config.dtype = stage, dtype
-  model = models.create_model(config.model, dtype=config.dtype, axis_name=train.AXIS)
-  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   train.learning_rate_schedule(config, 10))
-  mesh = Mesh(np.array(jax.devices()[:1]), (train.AXIS,))
+  model = models.create_model(config.model, dtype=config.dtype, axis_name=steps.AXIS)
+  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   steps.learning_rate_schedule(config, 10))
+  mesh = Mesh(np.array(jax.devices()[:1]), (steps.AXIS,))
   step = jax.jit(jax.shard_map(
-      functools.partial(train.train_step, config=config, axis_name=train.AXIS), mesh=mesh,
-      in_specs=(P(), P(train.AXIS)), out_specs=P()))
+      functools.partial(steps.train_step, config=config, axis_name=steps.AXIS), mesh=mesh,
+      in_specs=(P(), P(steps.AXIS)), out_specs=P()))
   batch = _batch(config)
   # Tiny arrays: compilation dominates, so skip XLA's backend optimisations.
   step = step.lower(state, batch).compile({"xla_backend_optimization_level": 0})

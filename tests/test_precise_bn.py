@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from cscl_jax import precise_bn
-from cscl_jax import train
+from cscl_jax import steps
 from cscl_jax.models import layers
 
 
@@ -28,7 +28,7 @@ class TwoNorms(nn.Module):
 def _state():
   x = jnp.zeros((1, 4, 4, 5))
   variables = TwoNorms().init(jax.random.key(0), x, train=False)
-  return train.TrainState.create(apply_fn=TwoNorms().apply, params=variables["params"],
+  return steps.TrainState.create(apply_fn=TwoNorms().apply, params=variables["params"],
                                  tx=optax.sgd(1.0), batch_stats=variables["batch_stats"])
 
 

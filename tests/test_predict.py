@@ -20,7 +20,7 @@ from cscl_jax import features
 from cscl_jax import maps
 from cscl_jax import models
 from cscl_jax import predict
-from cscl_jax import train
+from cscl_jax import steps
 from cscl_jax.datagen import fake_products
 from cscl_jax.datagen import products
 from configs import test as test_config
@@ -42,9 +42,9 @@ def run(tmp_path_factory):
   """(workdir, config, variables) of a saved, randomly initialised model."""
   tmp_path = tmp_path_factory.mktemp("run")
   config, workdir = _config(tmp_path), str(tmp_path / "workdir")
-  model = models.create_model(config.model, axis_name=train.AXIS)
-  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   train.learning_rate_schedule(config, 1))
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   steps.learning_rate_schedule(config, 1))
   # Non-trivial BatchNorm statistics, so that eval mode matters.
   rng = np.random.default_rng(0)
   state = state.replace(batch_stats=jax.tree.map(

@@ -18,6 +18,7 @@ from cscl_jax import checkpoints
 from cscl_jax import input_pipeline
 from cscl_jax import models
 from cscl_jax import preemption
+from cscl_jax import steps
 from cscl_jax import train
 from cscl_jax import visualize
 from configs import test as test_config
@@ -44,8 +45,8 @@ def _fake_batch(config, batch_size: int, seed: int = 0):
 def _sgd_state(config):
   """A train state whose update is -gradient, so params compare gradients exactly."""
   model = models.create_model(config.model, axis_name="batch")
-  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   train.learning_rate_schedule(config, 10))
+  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
+                                   steps.learning_rate_schedule(config, 10))
   return state.replace(tx=optax.sgd(1.0), opt_state=optax.sgd(1.0).init(state.params))
 
 
@@ -78,7 +79,7 @@ def _shard_map_step(step_fn, state, batch):
 def test_train_step_on_8_devices_equals_one_device(stage, run_on_8):
   config = _config(stage)
   state, batch = _sgd_state(config), _fake_batch(config, 16)
-  step_fn = functools.partial(train.train_step, config=config, axis_name="batch")
+  step_fn = functools.partial(steps.train_step, config=config, axis_name="batch")
   one_state, one = _pmap_step(step_fn, state, batch, 1)
   if run_on_8 == "pmap":
     eight_state, eight = _pmap_step(step_fn, state, batch, 8)
@@ -99,7 +100,7 @@ def test_pretrain_loss_is_the_cscl_loss():
   rng = np.random.default_rng(1)
   sim = rng.uniform(-1, 1, (4, 8, 8, 3, 3)).astype(np.float32)
   loss, sums = _pmap_step(
-      lambda s, b: train.compute_loss(s, b, config, "batch"), sim, batch, 1)
+      lambda s, b: steps.compute_loss(s, b, config, "batch"), sim, batch, 1)
   # Reference: the loss of SPEC.md §1.4 from pair labels computed pixel by pixel.
   labels = np.pad(batch["labels"], ((0, 0), (1, 1), (1, 1)), constant_values=-1)
   target = np.array([[labels[:, 1 + a:9 + a, 1 + b:9 + b] == batch["labels"]
@@ -138,7 +139,7 @@ def test_eval_step_predictions_and_confusions_over_devices():
   config = _config("finetune")
   state, batch = _sgd_state(config), _fake_batch(config, 16)
   batch["example_mask"] = np.arange(16) < 13  # the last 3 are padding
-  step_fn = functools.partial(train.eval_step, config=config, axis_name="batch")
+  step_fn = functools.partial(steps.eval_step, config=config, axis_name="batch")
   one, one_preds = _pmap_step(step_fn, state, batch, 1)
   eight, _ = _pmap_step(step_fn, state, batch, 8)
   preds, confusions = _numpy_eval(state, config, batch)
@@ -156,7 +157,7 @@ def test_eval_loss_is_exact_and_ignores_padding(stage):
   """Split 11 examples as 8 + 3 padded with 5 blanks: the loss of the 11, exactly."""
   config = _config(stage)
   state, batch = _sgd_state(config), _fake_batch(config, 11)
-  step_fn = functools.partial(train.eval_step, config=config, axis_name="batch")
+  step_fn = functools.partial(steps.eval_step, config=config, axis_name="batch")
   p_step = lambda s, b: jax.pmap(step_fn, axis_name="batch", devices=jax.devices()[:2])(
       jax.tree.map(lambda x: np.stack([x] * 2), s), b)
   blank = {"inputs": 0.0, "labels": config.model.num_classes, "valid": False}
@@ -209,7 +210,7 @@ def test_model_shapes_are_checked_before_the_data(tmp_path, monkeypatch):
 
 def test_learning_rate_decays_per_epoch():
   config = _config("pretrain")
-  schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+  schedule = steps.learning_rate_schedule(config, steps_per_epoch=10)
   lr, decay = config.learning_rate, config.lr_decay
   assert float(schedule(0)) == pytest.approx(lr)
   assert float(schedule(9)) == pytest.approx(lr)
