@@ -63,7 +63,7 @@ def main(argv):
     raise app.UsageError("Scores mIoU: pass a fine-tuning or supervised run.")
   info = input_pipeline.dataset_info(config)
   saved = epath.Path(FLAGS.workdir) / checkpoints.CHECKPOINT_DIR
-  steps = [int(s) for s in FLAGS.steps] or sorted(
+  saved_steps = [int(s) for s in FLAGS.steps] or sorted(
       int(p.name) for p in saved.iterdir() if p.name.isdigit())
   batches = [int(k) for k in FLAGS.batches]
   p_eval_step = jax.pmap(functools.partial(steps.eval_step, config=config,
@@ -74,7 +74,7 @@ def main(argv):
            "| step | running | " + " | ".join(f"recomputed, K={k}" for k in batches) + " |",
            "| --- |" + " --- |" * (len(batches) + 1)]
   start = time.perf_counter()
-  for step in steps:
+  for step in saved_steps:
     state, _ = train.restore_state(FLAGS.workdir, config, str(step))
     row = scores_row(step, state, config, info, p_eval_step, p_statistics_step, batches)
     lines.append(f"| {step} | " + " | ".join(f"{m:.4f} / {l:.3f}" for m, l in row) + " |")

@@ -26,7 +26,6 @@ import time
 
 import jax
 import numpy as np
-from rasterio.windows import Window
 
 from benchmarks import train_step
 from cscl_jax import maps

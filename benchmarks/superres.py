@@ -55,12 +55,12 @@ def make_config(magnification: int, stage: str = "supervised",
   return config
 
 
-def train_model(magnification: int, steps: int, learning_rate: float,
+def train_model(magnification: int, num_steps: int, learning_rate: float,
                 workdir: str) -> tuple[dict, float]:
   """Trains (or resumes) the x`magnification` model; returns its variables and wall s."""
   config = make_config(magnification, learning_rate=learning_rate)
-  config.num_train_steps = steps
-  config.eval_every_steps = config.checkpoint_every_steps = steps
+  config.num_train_steps = num_steps
+  config.eval_every_steps = config.checkpoint_every_steps = num_steps
   config.num_eval_batches = 4
   start = time.perf_counter()
   train.train_and_evaluate(config, workdir)

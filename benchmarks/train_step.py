@@ -38,7 +38,6 @@ from configs import common
 from cscl_jax import host_memory
 from cscl_jax import models
 from cscl_jax import steps
-from cscl_jax import train
 
 REFERENCE = {
     "unet3df": dict(name="unet3df", num_channels=14, max_seq_len=16, img_res=48,

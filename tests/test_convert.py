@@ -26,7 +26,6 @@ from cscl_jax import convert
 from cscl_jax import cscl
 from cscl_jax import models
 from cscl_jax import steps
-from cscl_jax import train
 from cscl_jax.models import layers
 from cscl_jax.models import unet2d_convlstm
 import torch_reference as tr
@@ -335,7 +334,7 @@ def test_cli_writes_a_checkpoint_that_finetuning_loads(tmp_path, capsys):
   same(batch_stats, converted["batch_stats"])
   assert jax.tree.structure(params["head"]) == jax.tree.structure(fresh["params"]["head"])
 
-  # One fine-tuning step of train.py from the converted encoder (one device: a vmap axis).
+  # One fine-tuning step (steps.train_step) from the converted encoder (one device: a vmap axis).
   config = test_config.get_config()
   config.model.update(model_config.to_dict())
   state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2),
