@@ -2,7 +2,7 @@
 
 Both originals are supervised networks (no CSCL stage): their checkpoints convert to
 stage "finetune" / "supervised". Entries are (our leaf path or None, PyTorch key(s),
-kind) as in convert.py; the kinds used here beyond convert.py's are
+kind) as in `state_dicts`; the kinds used here beyond `state_dicts.KINDS` are
 
   squeeze0   a learned [1, ...] tensor (class tokens, spatial positions) -> [...]
   doy_rows   TSViT's Linear(366, dim) weight [dim, 366] -> our day table [366, dim], rows

@@ -6,12 +6,12 @@
       --config.init_from=workdirs/utae_fold1
 
 `from_utae(state_dict)` takes the original `UTAE.state_dict()` (utae-paps saves it under
-"state_dict" in its `model.pth.tar`; `convert.load_state_dict` unwraps that and a "module."
+"state_dict" in its `model.pth.tar`; `state_dicts.load_state_dict` unwraps that and a "module."
 prefix) and returns the `config.model` of the same network here (name "utae": the U-TAE
 encoder with the original's out_conv as the classifier head) and its variables. The widths
 come from the weights (f = encoder_widths[0] / 4; PASTIS: f = 16, 10 bands + day of year =
 11 channels, 20 classes); every entry is used, and a missing, unexpected or misshapen one is
-an error naming it (`convert.build_variables`).
+an error naming it (`state_dicts.build_variables`).
 
 Dates: our inputs carry the day of year (doy / 365.0001); the published PASTIS weights were
 trained with days since 2018-09-01 as the dates, so feed their dates that way to reproduce
@@ -25,13 +25,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cscl_jax import convert
+from cscl_jax import state_dicts
 
 STAGES = ("finetune", "supervised")  # The checkpoints hold encoder + classifier.
 _DOWN_LEVELS = 3  # models.create_model's U-TAE: four levels, three strided convs.
 _LTAE = "temporal_encoder."
-# pylint: disable=protected-access  (the name-table helpers of the DeepSatModels importer)
-_conv, _norm, _block = convert._conv, convert._norm, convert._block
+# The name-table helpers, short, so that the table below reads like the original modules.
+_conv, _norm, _block = state_dicts.conv, state_dicts.norm, state_dicts.block
 
 
 def _entries() -> list:
@@ -108,8 +108,8 @@ def from_utae(state_dict: Mapping[str, Any], *, stage: str = "finetune", img_res
                                                 output_magnification=1, **sizes))
   if max_seq_len is not None:
     model_config.max_seq_len = max_seq_len
-  return model_config, convert.build_variables(arrays, _entries(), model_config,
-                                               f"U-TAE ({stage})", sizes)
+  return model_config, state_dicts.build_variables(arrays, _entries(), model_config,
+                                                   f"U-TAE ({stage})", sizes)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -122,10 +122,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--img_res", type=int, default=128)
   parser.add_argument("--max_seq_len", type=int, default=None)
   args = parser.parse_args(argv)
-  model_config, variables = from_utae(convert.load_state_dict(args.checkpoint),
+  model_config, variables = from_utae(state_dicts.load_state_dict(args.checkpoint),
                                       img_res=args.img_res, max_seq_len=args.max_seq_len)
-  config = convert.save_converted(args.workdir, model_config, variables)
-  print(convert.next_steps(args.workdir, config))
+  config = state_dicts.save_converted(args.workdir, model_config, variables)
+  print(state_dicts.next_steps(args.workdir, config))
 
 
 if __name__ == "__main__":

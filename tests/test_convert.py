@@ -25,6 +25,7 @@ from cscl_jax import checkpoints  # pylint: disable=g-import-not-at-top
 from cscl_jax import convert
 from cscl_jax import cscl
 from cscl_jax import models
+from cscl_jax import state_dicts
 from cscl_jax import steps
 from cscl_jax.models import layers
 from cscl_jax.models import unet2d_convlstm
@@ -57,7 +58,7 @@ def channels_last(x):
 
 
 def conv_vars(module):
-  return {"kernel": convert.torch_kernel(module.weight.detach().numpy()),
+  return {"kernel": state_dicts.torch_kernel(module.weight.detach().numpy()),
           "bias": module.bias.detach().numpy()}
 
 
@@ -156,8 +157,8 @@ def test_cscl_head_matches_unfolded_windows(kernel_size, stride, dilation, group
   emb = normal(2, 7, 9, 6)
   want = torch_eval(head, np.moveaxis(emb, -1, 1))
   state = {k: v.numpy() for k, v in head.state_dict().items()}
-  params = {"query": {"kernel": convert.torch_kernel(state["query_conv.weight"][..., 0, 0])},
-            "key": {"kernel": convert.torch_kernel(state["key_conv.weight"][..., 0, 0])},
+  params = {"query": {"kernel": state_dicts.torch_kernel(state["query_conv.weight"][..., 0, 0])},
+            "key": {"kernel": state_dicts.torch_kernel(state["key_conv.weight"][..., 0, 0])},
             "rel_h": state["rel_h"].reshape(4, kernel_size),
             "rel_w": state["rel_w"].reshape(4, kernel_size)}
   ours = cscl.ContextSelfSimilarity(8, kernel_size, stride, dilation, groups, norm_emb)
@@ -359,12 +360,12 @@ def test_cli_writes_a_checkpoint_that_finetuning_loads(tmp_path, capsys):
 def test_load_state_dict_formats(tmp_path, monkeypatch):
   net = tr.UNet3D(3, 5, 4, num_features=2)
   torch.save(net.state_dict(), tmp_path / "plain.pth")
-  loaded = convert.load_state_dict(str(tmp_path / "plain.pth"))
+  loaded = state_dicts.load_state_dict(str(tmp_path / "plain.pth"))
   assert list(loaded) == list(net.state_dict())
   assert loaded["en3.1.num_batches_tracked"].dtype == np.int64
   torch.save([1, 2], tmp_path / "list.pth")
   with pytest.raises(ValueError, match="not a state dict"):
-    convert.load_state_dict(str(tmp_path / "list.pth"))
+    state_dicts.load_state_dict(str(tmp_path / "list.pth"))
   monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
   with pytest.raises(ImportError, match="pip install torch"):
-    convert.load_state_dict(str(tmp_path / "plain.pth"))
+    state_dicts.load_state_dict(str(tmp_path / "plain.pth"))
