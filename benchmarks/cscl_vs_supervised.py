@@ -40,6 +40,8 @@ config.model, so the same widths; the supervised arm keeps the encoder and its c
     random) with 95 % t confidence intervals over seeds (benchmarks/evidence_report.py), per
     seed rows; diff.png: boundary / interior mIoU differences with their intervals;
     loss_curves.png: the fine-tuning training loss of every arm (TensorBoard events).
+    --report_only writes them from the runs finished so far, training nothing (a progress
+    report while the arms run elsewhere; a pair with one common seed has no interval).
 
 Workdirs: <outdir>/supervised/seed_<s>, pretrain/m<M>/seed_<s>, paper/m<M>/seed_<s>,
 matched/m<M>/seed_<s>, probe/random/seed_<s>, probe/cscl_m<M>/seed_<s>,
@@ -86,6 +88,8 @@ flags.DEFINE_float("ablation_fraction", 0.25, "M of the ablations as a fraction 
                    "of --pretrain_fractions.")
 flags.DEFINE_bool("learning_curve", False,
                   "Only train the supervised arm and plot its validation mIoU vs steps.")
+flags.DEFINE_bool("report_only", False, "Train and evaluate nothing new: results.md and the "
+                  "plots from the runs finished so far (a progress report while arms run).")
 flags.DEFINE_string("select_split", "validation", "Split the runs validate on.")
 flags.DEFINE_string("test_split", "test", "Split the best checkpoints are evaluated on.")
 config_flags.DEFINE_config_file("config", "configs/finetune.py:quick",
@@ -173,15 +177,22 @@ def baselines_of(arms: list[str]) -> dict[str, str]:
   return {a: baseline(a) for a in arms if a not in ("supervised", "probe/random")}
 
 
+def finished_scores(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The run's last validation metrics if it has trained all its steps, else None."""
+  path = os.path.join(workdir, "metrics.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    scores = json.load(f)
+  return scores if scores["step"] == config.num_train_steps else None
+
+
 def train_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> dict:
   """Trains one run unless finished; returns its last validation metrics."""
-  path = os.path.join(workdir, "metrics.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      scores = json.load(f)
-    if scores["step"] == config.num_train_steps:
-      print(f"[skip] {name}: finished ({workdir})", flush=True)
-      return scores
+  scores = finished_scores(config, workdir)
+  if scores is not None:
+    print(f"[skip] {name}: finished ({workdir})", flush=True)
+    return scores
   print(f"[run]  {name}: {config.num_train_steps} steps in {workdir}", flush=True)
   start = time.perf_counter()
   scores = train.train_and_evaluate(config, workdir)
@@ -265,7 +276,13 @@ def main(argv):
     runs = seed_runs(base, seed, steps_m, probe_steps, FLAGS.select_split, outdir,
                      FLAGS.ablations, ablation_m)
     for name, (config, workdir) in runs.items():
-      scores = train_run(config, workdir, f"{name} seed {seed}")
+      if FLAGS.report_only:
+        scores = finished_scores(config, workdir)
+        if scores is None or (not name.startswith("pretrain") and not os.path.exists(
+            os.path.join(workdir, TEST_METRICS))):
+          continue  # Still training, or not yet evaluated on the test split.
+      else:
+        scores = train_run(config, workdir, f"{name} seed {seed}")
       if name.startswith("pretrain"):
         pretrain.setdefault(name, {})[seed] = scores
         continue
@@ -276,17 +293,20 @@ def main(argv):
            + (f"ablations {FLAGS.ablations} at M={ablation_m}; " if FLAGS.ablations else "")
            + f"best on '{FLAGS.select_split}', evaluated on '{FLAGS.test_split}'")
   command = " ".join(["python -m benchmarks.cscl_vs_supervised"] + sys.argv[1:])
-  baselines = baselines_of(list(results))
+  baselines = {a: b for a, b in baselines_of(list(results)).items() if b in results}
+  title = "# CSCL vs supervised" + (" (progress: the runs finished so far)"
+                                    if FLAGS.report_only else "")
   table = report.results_table(results, baselines, pretrain,
-                               f"# CSCL vs supervised\n\n{setup}.\n\n    {command}")
+                               f"{title}\n\n{setup}.\n\n    {command}")
   with open(os.path.join(outdir, "results.md"), "w") as f:
     f.write(table)
-  report.diff_plot(results, baselines, os.path.join(outdir, "diff.png"), setup)
+  plotted = report.diff_plot(results, baselines, os.path.join(outdir, "diff.png"), setup)
   report.curves_plot(losses, os.path.join(outdir, "loss_curves.png"),
                      "training loss (fine-tuning / supervised)", setup)
   print(table, flush=True)
-  print(f"Wrote {outdir}/results.md, diff.png and loss_curves.png "
-        f"({time.perf_counter() - start:.0f} s; {jax.device_count()} devices).", flush=True)
+  print(f"Wrote {outdir}/results.md, " + ("diff.png, " if plotted else "")
+        + f"loss_curves.png ({time.perf_counter() - start:.0f} s; "
+        f"{jax.device_count()} devices).", flush=True)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ def read_scalars(workdir: str, tag: str) -> dict[int, float]:
   return values
 
 
+def _difference(differences: list[float]) -> str:
+  """"+m [lo, hi]" (mean and 95 % CI); "+m (1 seed, no CI)" for a single seed."""
+  if len(differences) == 1:
+    return f"{differences[0]:+.4f} (1 seed, no CI)"
+  mean, lo, hi = paired_ci(differences)
+  return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def results_table(results: dict[str, dict[int, dict[str, float]]],
                   baselines: dict[str, str], pretrain: dict[str, dict[int, dict]],
                   header: str) -> str:
@@ -80,7 +88,9 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
 
   Args:
     results: arm -> seed -> test metrics of its best-validation checkpoint.
-    baselines: arm -> the arm it is paired with (CSCL arm -> "supervised", ...).
+    baselines: arm -> the arm it is paired with (CSCL arm -> "supervised", ...); a pair
+      with a single common seed gets its difference without an interval, one with none
+      no row.
     pretrain: pre-training name -> seed -> its last validation metrics.
     header: text put first.
   """
@@ -95,10 +105,10 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
             row(["difference", "seeds"] + titles), row(["---"] * (2 + len(METRICS)))]
   for arm, base in baselines.items():
     seeds = sorted(set(results[arm]) & set(results[base]))
-    cells = [paired_ci([results[arm][s][k] - results[base][s][k] for s in seeds])
-             for k, _ in METRICS]
-    lines.append(row([f"{arm} - {base}", str(len(seeds))] + [
-        f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in cells]))
+    if seeds:
+      lines.append(row([f"{arm} - {base}", str(len(seeds))] + [
+          _difference([results[arm][s][k] - results[base][s][k] for s in seeds])
+          for k, _ in METRICS]))
   lines += ["", "Per seed:", "", row(["arm", "seed", "best step"] + titles),
             row(["---"] * (3 + len(METRICS)))]
   for arm, by_seed in results.items():
@@ -115,10 +125,19 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
 
 
 def diff_plot(results: dict[str, dict[int, dict[str, float]]], baselines: dict[str, str],
-              path: str, title: str) -> None:
-  """Bars of the paired boundary / interior mIoU differences with their 95 % CIs."""
+              path: str, title: str) -> bool:
+  """Bars of the paired boundary / interior mIoU differences with their 95 % CIs.
+
+  Pairs with fewer than two common seeds (no interval) are left out; without any pair
+  left, no file is written.
+
+  Returns:
+    Whether the plot was written.
+  """
   keys = (("boundary/miou", "boundary mIoU"), ("interior/miou", "interior mIoU"))
-  names = list(baselines)
+  names = [a for a, b in baselines.items() if len(set(results[a]) & set(results[b])) > 1]
+  if not names:
+    return False
   fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 3.8), dpi=100)
   x = np.arange(len(names))
   for i, (key, label) in enumerate(keys):
@@ -138,6 +157,7 @@ def diff_plot(results: dict[str, dict[int, dict[str, float]]], baselines: dict[s
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+  return True
 
 
 def curves_plot(curves: dict[str, list[dict[int, float]]], path: str, ylabel: str,

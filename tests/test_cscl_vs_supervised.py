@@ -44,7 +44,7 @@ def test_paired_ci_known_numbers():
     evidence_report.paired_ci([0.3])
 
 
-def _benchmark(outdir: str, data_dir: str, cache_dir: str) -> str:
+def _benchmark(outdir: str, data_dir: str, cache_dir: str, *extra: str) -> str:
   """Runs the benchmark on one CPU device in a subprocess; returns its output."""
   # One device compiles quicker than conftest's 8; the compilation cache lets the second
   # seed and the later arms reuse the first programs. One eval and save, at the end.
@@ -55,7 +55,7 @@ def _benchmark(outdir: str, data_dir: str, cache_dir: str) -> str:
        "--seeds=0,1", "--pretrain_fractions=0.5,1", "--probe_steps=1",
        "--config=configs/test.py", f"--config.dataset.data_dir={data_dir}",
        "--config.num_train_steps=2", "--config.eval_every_steps=100",
-       "--config.checkpoint_every_steps=100", "--config.precise_bn_batches=1"],
+       "--config.checkpoint_every_steps=100", "--config.precise_bn_batches=1", *extra],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
@@ -122,3 +122,27 @@ def test_all_arms_paired_intervals_and_resuming(tmp_path):
   assert log.count("[skip]") == 16 and "[run]" not in log
   with open(os.path.join(outdir, "results.md")) as f:
     assert f.read() == table
+
+  # A progress report while seed 1's paper/m2 is unfinished: nothing trains, that pair
+  # keeps seed 0's difference without an interval, the others are unchanged.
+  os.remove(os.path.join(outdir, "paper", "m2", "seed_1", "metrics.json"))
+  log = _benchmark(*dirs, "--report_only")
+  assert "[run]" not in log and "[skip]" not in log
+  with open(os.path.join(outdir, "results.md")) as f:
+    progress = f.read()
+  assert progress.startswith("# CSCL vs supervised (progress")
+  (row,) = _rows(progress, "paper/m2 - supervised")
+  d = test_metrics("paper/m2", 0)["miou"] - test_metrics("supervised", 0)["miou"]
+  assert row[1:3] == ["1", f"{d:+.4f} (1 seed, no CI)"]
+  assert _rows(progress, "paper/m1 - supervised") == _rows(table, "paper/m1 - supervised")
+
+
+def test_diff_plot_needs_two_seeds_of_a_pair(tmp_path):
+  scores = {"boundary/miou": 0.5, "interior/miou": 0.7}
+  results = {"supervised": {0: scores, 1: scores}, "paper/m1": {1: scores}}
+  path = str(tmp_path / "diff.png")
+  assert not evidence_report.diff_plot(results, {"paper/m1": "supervised"}, path, "t")
+  assert not os.path.exists(path)
+  results["paper/m1"][0] = {"boundary/miou": 0.6, "interior/miou": 0.7}
+  assert evidence_report.diff_plot(results, {"paper/m1": "supervised"}, path, "t")
+  assert os.path.getsize(path) > 1000
