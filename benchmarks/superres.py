@@ -34,7 +34,6 @@ import numpy as np
 
 from benchmarks import measure
 from configs import pretrain
-from cscl_jax import checkpoints
 from cscl_jax import input_pipeline
 from cscl_jax import metrics
 from cscl_jax import models
@@ -65,12 +64,7 @@ def train_model(magnification: int, num_steps: int, learning_rate: float,
   start = time.perf_counter()
   train.train_and_evaluate(config, workdir)
   seconds = time.perf_counter() - start
-  model = models.create_model(config.model)
-  state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
-                                   steps.learning_rate_schedule(config, 1))
-  manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints,
-                                       best_metric="miou", best_mode="max")
-  state = checkpoints.restore_latest(manager, state)
+  state, _ = train.restore_state(workdir, config, "latest")
   return {"params": state.params, "batch_stats": state.batch_stats}, seconds
 
 
