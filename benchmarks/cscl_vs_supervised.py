@@ -39,15 +39,21 @@ config.model, so the same widths; the supervised arm keeps the encoder and its c
  5. results.md: per-arm means, paired differences (CSCL - supervised; probe cscl - probe
     random) with 95 % t confidence intervals over seeds (benchmarks/evidence_report.py), per
     seed rows; diff.png: boundary / interior mIoU differences with their intervals;
-    loss_curves.png: the fine-tuning training loss of every arm (TensorBoard events).
-    --report_only writes them from the runs finished so far, training nothing (a progress
-    report while the arms run elsewhere; a pair with one common seed has no interval).
+    loss_curves.png: the fine-tuning training loss of every arm. All of it comes from the
+    runs' records (below). --report_only writes them from the runs finished so far,
+    training nothing (a progress report while the arms run elsewhere; a pair with one
+    common seed has no interval).
 
-Workdirs: <outdir>/supervised/seed_<s>, pretrain/m<M>/seed_<s>, paper/m<M>/seed_<s>,
-matched/m<M>/seed_<s>, probe/random/seed_<s>, probe/cscl_m<M>/seed_<s>,
-pretrain_<ablation>/m<M>/seed_<s>, paper_<ablation>/m<M>/seed_<s>. A run whose
-metrics.json holds its last step is skipped and an interrupted one resumes from its
-checkpoint, so rerunning the command resumes; test_metrics.json is kept likewise.
+Workdirs (scratch): <outdir>/supervised/seed_<s>, pretrain/m<M>/seed_<s>,
+paper/m<M>/seed_<s>, matched/m<M>/seed_<s>, probe/random/seed_<s>, probe/cscl_m<M>/seed_<s>,
+pretrain_<ablation>/m<M>/seed_<s>, paper_<ablation>/m<M>/seed_<s>. Records (durable, to
+commit): <records>/<same name>.json, one per finished run (benchmarks/run_records.py: its
+config, validation and test metrics, loss and validation curves, wall time). A run with a
+record is skipped, its workdir may be gone (a fine-tuning run that still has to train
+retrains its pre-training first if that workdir has gone); a run whose metrics.json holds
+its last step gets its record from its workdir; an interrupted one resumes from its
+checkpoint. So rerunning the command resumes, on this machine or, from the records, on
+another.
 
   python -m benchmarks.cscl_vs_supervised --learning_curve --outdir=/tmp/curve \
       --config=configs/finetune.py:quick --config.dataset.config=default \
@@ -71,12 +77,17 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from benchmarks import evidence_report as report
+from benchmarks import run_records
 from cscl_jax import evaluate
 from cscl_jax import host_memory
 from cscl_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("outdir", None, "Where the run workdirs, results.md and the plots go.")
+flags.DEFINE_string("records", None, "Folder of the runs' records (benchmarks/run_records.py:"
+                    " one small JSON per finished run, all that the report reads; commit "
+                    "it). A run with a record is done, its workdir may be gone. Default: "
+                    "<outdir>/records.")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; each trains every arm.")
 flags.DEFINE_list("pretrain_fractions", ["0.125", "0.25", "0.5", "1"],
                   "CSCL pre-training steps M as fractions of N = config.num_train_steps.")
@@ -89,7 +100,8 @@ flags.DEFINE_float("ablation_fraction", 0.25, "M of the ablations as a fraction 
 flags.DEFINE_bool("learning_curve", False,
                   "Only train the supervised arm and plot its validation mIoU vs steps.")
 flags.DEFINE_bool("report_only", False, "Train and evaluate nothing new: results.md and the "
-                  "plots from the runs finished so far (a progress report while arms run).")
+                  "plots from the runs finished so far (a progress report while arms run); "
+                  "finished runs without a record get one.")
 flags.DEFINE_string("select_split", "validation", "Split the runs validate on.")
 flags.DEFINE_string("test_split", "test", "Split the best checkpoints are evaluated on.")
 config_flags.DEFINE_config_file("config", "configs/finetune.py:quick",
@@ -187,19 +199,21 @@ def finished_scores(config: ml_collections.ConfigDict, workdir: str) -> dict | N
   return scores if scores["step"] == config.num_train_steps else None
 
 
-def train_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> dict:
-  """Trains one run unless finished; returns its last validation metrics."""
+def train_run(config: ml_collections.ConfigDict, workdir: str, name: str
+              ) -> tuple[dict, float | None]:
+  """Trains one run unless finished: (its last validation metrics, seconds; None if skipped)."""
   scores = finished_scores(config, workdir)
   if scores is not None:
     print(f"[skip] {name}: finished ({workdir})", flush=True)
-    return scores
+    return scores, None
   print(f"[run]  {name}: {config.num_train_steps} steps in {workdir}", flush=True)
   start = time.perf_counter()
   scores = train.train_and_evaluate(config, workdir)
-  print(f"[done] {name}: {time.perf_counter() - start:.0f} s, " + ", ".join(
+  wall = time.perf_counter() - start
+  print(f"[done] {name}: {wall:.0f} s, " + ", ".join(
       f"{k}={scores[k]:.4f}" for k in ("miou", "boundary/miou", "sim_same", "sim_diff")
       if k in scores), flush=True)
-  return {"step": config.num_train_steps, **scores}
+  return {"step": config.num_train_steps, **scores}, wall
 
 
 def evaluate_best(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
@@ -215,6 +229,37 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str, split: str) -
   with open(path, "w") as f:
     json.dump(scores, f, indent=2)
   return scores
+
+
+def record_of(runs: dict[str, tuple[ml_collections.ConfigDict, str]], name: str, seed: int,
+              records: str, report_only: bool) -> dict | None:
+  """The record of run `name` (run_records): read from `records`, else made and written there.
+
+  Without a record the run is trained first unless its workdir holds the finished run,
+  after the pre-training it starts from if that workdir has gone (its record alone does not
+  keep the checkpoint); with report_only nothing trains or is evaluated: None for a run not
+  finished and evaluated on the test split.
+  """
+  config, workdir = runs[name]
+  label, where = f"{name} seed {seed}", run_records.path(records, name, seed)
+  record = run_records.read(where, config)
+  if record is not None:
+    print(f"[skip] {label}: recorded ({where})", flush=True)
+    return record
+  pretraining = config.model.stage == "pretrain"
+  if report_only:
+    scores, wall = finished_scores(config, workdir), None
+    if scores is None or not (pretraining or os.path.exists(
+        os.path.join(workdir, TEST_METRICS))):
+      return None  # Still training, or not yet evaluated on the test split.
+  else:
+    for init, (init_config, init_dir) in runs.items():
+      if init_dir == config.init_from and finished_scores(init_config, init_dir) is None:
+        train_run(init_config, init_dir, f"{init} seed {seed}")
+    scores, wall = train_run(config, workdir, label)
+  test = None if pretraining else evaluate_best(config, workdir, FLAGS.test_split)
+  run_records.write(where, run_records.make(config, workdir, scores, test, wall))
+  return run_records.read(where, config)
 
 
 def describe(base: ml_collections.ConfigDict, num_seeds: int) -> str:
@@ -271,24 +316,21 @@ def main(argv):
       raise app.UsageError(f"--ablation_fraction={FLAGS.ablation_fraction} (M={ablation_m}) "
                            "is not one of --pretrain_fractions: its paper arm is the "
                            "ablations' baseline.")
+  records = FLAGS.records or os.path.join(outdir, "records")
   results, pretrain, losses = {}, {}, {}
   for seed in seeds:
     runs = seed_runs(base, seed, steps_m, probe_steps, FLAGS.select_split, outdir,
                      FLAGS.ablations, ablation_m)
-    for name, (config, workdir) in runs.items():
-      if FLAGS.report_only:
-        scores = finished_scores(config, workdir)
-        if scores is None or (not name.startswith("pretrain") and not os.path.exists(
-            os.path.join(workdir, TEST_METRICS))):
-          continue  # Still training, or not yet evaluated on the test split.
-      else:
-        scores = train_run(config, workdir, f"{name} seed {seed}")
-      if name.startswith("pretrain"):
-        pretrain.setdefault(name, {})[seed] = scores
+    for name in runs:
+      record = record_of(runs, name, seed, records, FLAGS.report_only)
+      if record is None:
         continue
-      results.setdefault(name, {})[seed] = evaluate_best(config, workdir, FLAGS.test_split)
+      if name.startswith("pretrain"):
+        pretrain.setdefault(name, {})[seed] = record["validation"]
+        continue
+      results.setdefault(name, {})[seed] = record["test"]
       if not name.startswith("probe/"):
-        losses.setdefault(name, []).append(report.read_scalars(workdir, "train/loss"))
+        losses.setdefault(name, []).append(record["curves"]["train/loss"])
   setup = (describe(base, len(seeds)) + f"; M in {steps_m}, probe {probe_steps} steps; "
            + (f"ablations {FLAGS.ablations} at M={ablation_m}; " if FLAGS.ablations else "")
            + f"best on '{FLAGS.select_split}', evaluated on '{FLAGS.test_split}'")

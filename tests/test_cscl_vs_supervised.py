@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from benchmarks import cscl_vs_supervised
 from benchmarks import evidence_report
+from benchmarks import run_records
 from configs import test as test_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,10 +91,10 @@ def test_ablations_change_one_pretraining_setting_and_pair_with_the_paper_arm():
   assert baselines["probe/cscl_m8"] == "probe/random"
 
 
-def test_all_arms_paired_intervals_and_resuming(tmp_path):
+def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   dirs = [str(tmp_path / d) for d in ("out", "tfds", "jax_cache")]
-  outdir = dirs[0]
-  log = _benchmark(*dirs)
+  outdir, records = dirs[0], str(tmp_path / "records")
+  log = _benchmark(*dirs, f"--records={records}")
   # Per seed: supervised, pretrain m1 and m2, paper m1 and m2, matched m1, two probes.
   assert log.count("[run]") == 16 and "[skip]" not in log
   with open(os.path.join(outdir, "results.md")) as f:
@@ -116,18 +118,28 @@ def test_all_arms_paired_intervals_and_resuming(tmp_path):
   for seed in (0, 1):
     scores = test_metrics("paper/m2", seed)
     assert scores["split"] == "test" and scores["step"] == 2 and 0 <= scores["miou"] <= 1
-  assert not _rows(table, "matched/m2 - supervised")  # M = N leaves no fine-tuning.
+  assert not _rows(table, "matched/m2 - supervised")  # M = N/1 leaves no fine-tuning.
+  # One record per run, with what the report needs.
+  paths = sorted(os.path.relpath(os.path.join(d, f), records)
+                 for d, _, files in os.walk(records) for f in files)
+  assert len(paths) == 16 and "paper/m2/seed_1.json" in paths
+  with open(os.path.join(records, "paper", "m2", "seed_1.json")) as f:
+    record = json.load(f)
+  assert record["test"] == test_metrics("paper/m2", 1)
+  assert record["config"]["num_train_steps"] == 2 and record["config"]["seed"] == 1
+  assert "2" in record["curves"]["train/loss"] and record["wall_s"] > 0
 
-  log = _benchmark(*dirs)
+  log = _benchmark(*dirs, f"--records={records}")
   assert log.count("[skip]") == 16 and "[run]" not in log
   with open(os.path.join(outdir, "results.md")) as f:
     assert f.read() == table
 
   # A progress report while seed 1's paper/m2 is unfinished: nothing trains, that pair
   # keeps seed 0's difference without an interval, the others are unchanged.
+  os.remove(os.path.join(records, "paper", "m2", "seed_1.json"))
   os.remove(os.path.join(outdir, "paper", "m2", "seed_1", "metrics.json"))
-  log = _benchmark(*dirs, "--report_only")
-  assert "[run]" not in log and "[skip]" not in log
+  log = _benchmark(*dirs, f"--records={records}", "--report_only")
+  assert "[run]" not in log and log.count("[skip]") == 15
   with open(os.path.join(outdir, "results.md")) as f:
     progress = f.read()
   assert progress.startswith("# CSCL vs supervised (progress")
@@ -135,6 +147,33 @@ def test_all_arms_paired_intervals_and_resuming(tmp_path):
   d = test_metrics("paper/m2", 0)["miou"] - test_metrics("supervised", 0)["miou"]
   assert row[1:3] == ["1", f"{d:+.4f} (1 seed, no CI)"]
   assert _rows(progress, "paper/m1 - supervised") == _rows(table, "paper/m1 - supervised")
+
+  # The workdirs lost with their machine: the records answer for the finished runs, and
+  # the unfinished one retrains the pre-training it starts from, then itself, to the same
+  # numbers (same seed, same data order, deterministic on CPU).
+  shutil.rmtree(outdir)
+  log = _benchmark(*dirs, f"--records={records}")
+  assert log.count("[skip]") == 15 and log.count("[run]") == 2
+  assert "[run]  pretrain/m2 seed 1" in log and "[run]  paper/m2 seed 1" in log
+  with open(os.path.join(outdir, "results.md")) as f:
+    assert f.read() == table
+
+
+def test_a_record_answers_only_for_its_config(tmp_path):
+  config = test_config.get_config()
+  config.init_from = "/old/machine/pretrain/m2/seed_0"
+  workdir = str(tmp_path / "run")  # No events: empty curves.
+  path = run_records.path(str(tmp_path / "records"), "paper/m2", 0)
+  run_records.write(path, run_records.make(config, workdir, {"miou": 0.5}, {"miou": 0.4}, 3.0))
+  assert run_records.read(str(tmp_path / "none.json"), config) is None
+  moved = config.copy_and_resolve_references()
+  moved.init_from, moved.dataset.data_dir = "/new/pretrain/m2/seed_0", "/new/tfds"
+  record = run_records.read(path, moved)  # Locations may change.
+  assert record["test"] == {"miou": 0.4} and record["curves"]["train/loss"] == {}
+  other = config.copy_and_resolve_references()
+  other.cscl.pos_weight = 1.0
+  with pytest.raises(ValueError, match=r"cscl.pos_weight: 0.125 there, 1.0 here"):
+    run_records.read(path, other)
 
 
 def test_diff_plot_needs_two_seeds_of_a_pair(tmp_path):
