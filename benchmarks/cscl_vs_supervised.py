@@ -326,9 +326,10 @@ def main(argv):
       if record is None:
         continue
       if name.startswith("pretrain"):
-        pretrain.setdefault(name, {})[seed] = record["validation"]
+        pretrain.setdefault(name, {})[seed] = {**record["validation"],
+                                               "wall_s": record["wall_s"]}
         continue
-      results.setdefault(name, {})[seed] = record["test"]
+      results.setdefault(name, {})[seed] = {**record["test"], "wall_s": record["wall_s"]}
       if not name.startswith("probe/"):
         losses.setdefault(name, []).append(record["curves"]["train/loss"])
   setup = (describe(base, len(seeds)) + f"; M in {steps_m}, probe {probe_steps} steps; "

@@ -81,17 +81,23 @@ def _difference(differences: list[float]) -> str:
   return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
+def _seconds(scores: dict) -> str:
+  wall = scores.get("wall_s")
+  return "-" if wall is None else f"{wall:.0f}"
+
+
 def results_table(results: dict[str, dict[int, dict[str, float]]],
                   baselines: dict[str, str], pretrain: dict[str, dict[int, dict]],
                   header: str) -> str:
   """Markdown: per-arm means, paired differences with 95 % CIs, per-seed rows.
 
   Args:
-    results: arm -> seed -> test metrics of its best-validation checkpoint.
+    results: arm -> seed -> test metrics of its best-validation checkpoint, and optionally
+      "wall_s", the seconds the run trained (None: unknown), shown per seed and summed.
     baselines: arm -> the arm it is paired with (CSCL arm -> "supervised", ...); a pair
       with a single common seed gets its difference without an interval, one with none
       no row.
-    pretrain: pre-training name -> seed -> its last validation metrics.
+    pretrain: pre-training name -> seed -> its last validation metrics (and "wall_s").
     header: text put first.
   """
   titles = [t for _, t in METRICS]
@@ -109,18 +115,26 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
       lines.append(row([f"{arm} - {base}", str(len(seeds))] + [
           _difference([results[arm][s][k] - results[base][s][k] for s in seeds])
           for k, _ in METRICS]))
-  lines += ["", "Per seed:", "", row(["arm", "seed", "best step"] + titles),
-            row(["---"] * (3 + len(METRICS)))]
+  lines += ["", "Per seed (train s: wall seconds of training, - where not recorded):", "",
+            row(["arm", "seed", "best step"] + titles + ["train s"]),
+            row(["---"] * (4 + len(METRICS)))]
   for arm, by_seed in results.items():
     for seed, s in sorted(by_seed.items()):
-      lines.append(row([arm, str(seed), str(s["step"])] + [f"{s[k]:.4f}" for k, _ in METRICS]))
+      lines.append(row([arm, str(seed), str(s["step"])] + [f"{s[k]:.4f}" for k, _ in METRICS]
+                       + [_seconds(s)]))
   lines += ["", "CSCL pre-training at its last step, validation split (mean cosine similarity "
             "of same- and different-class pairs in the window):", "",
-            row(["pre-training", "seed", "loss", "sim_same", "sim_diff"]), row(["---"] * 5)]
+            row(["pre-training", "seed", "loss", "sim_same", "sim_diff", "train s"]),
+            row(["---"] * 6)]
   for name, by_seed in pretrain.items():
     for seed, p in sorted(by_seed.items()):
       lines.append(row([name, str(seed)] + [f"{p[k]:.4f}" for k in ("loss", "sim_same",
-                                                                   "sim_diff")]))
+                                                                   "sim_diff")] + [_seconds(p)]))
+  walls = [s.get("wall_s") for group in (results, pretrain) for by_seed in group.values()
+           for s in by_seed.values()]
+  known = [w for w in walls if w is not None]
+  lines += ["", f"Training wall time of these runs: {sum(known) / 3600:.2f} h over "
+            f"{len(known)} of {len(walls)} runs (the others trained before they had a record)."]
   return "\n".join(lines) + "\n"
 
 

@@ -128,6 +128,9 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   assert record["test"] == test_metrics("paper/m2", 1)
   assert record["config"]["num_train_steps"] == 2 and record["config"]["seed"] == 1
   assert "2" in record["curves"]["train/loss"] and record["wall_s"] > 0
+  per_seed = [r for r in _rows(table, "paper/m2") if len(r) == 9]  # + best step, train s.
+  assert [r[1] for r in per_seed] == ["0", "1"] and all(r[-1].isdigit() for r in per_seed)
+  assert "over 16 of 16 runs" in table  # 12 tested, 4 pre-training.
 
   log = _benchmark(*dirs, f"--records={records}")
   assert log.count("[skip]") == 16 and "[run]" not in log
@@ -155,8 +158,12 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   log = _benchmark(*dirs, f"--records={records}")
   assert log.count("[skip]") == 15 and log.count("[run]") == 2
   assert "[run]  pretrain/m2 seed 1" in log and "[run]  paper/m2 seed 1" in log
+  with open(os.path.join(records, "paper", "m2", "seed_1.json")) as f:
+    assert json.load(f)["test"] == record["test"]
   with open(os.path.join(outdir, "results.md")) as f:
-    assert f.read() == table
+    again = f.read()
+  means = lambda t: t[:t.index("Per seed")]  # The rest holds the new run's wall time.
+  assert means(again) == means(table)
 
 
 def test_a_record_answers_only_for_its_config(tmp_path):
