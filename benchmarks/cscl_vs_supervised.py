@@ -258,8 +258,9 @@ def record_of(runs: dict[str, tuple[ml_collections.ConfigDict, str]], name: str,
         train_run(init_config, init_dir, f"{init} seed {seed}")
     scores, wall = train_run(config, workdir, label)
   test = None if pretraining else evaluate_best(config, workdir, FLAGS.test_split)
-  run_records.write(where, run_records.make(config, workdir, scores, test, wall))
-  return run_records.read(where, config)
+  record = run_records.make(config, workdir, scores, test, wall)
+  run_records.write(where, record)
+  return record
 
 
 def describe(base: ml_collections.ConfigDict, num_seeds: int) -> str:

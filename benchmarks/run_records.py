@@ -18,6 +18,7 @@ results (benchmarks/results/evidence/<encoder>/):
 import json
 import os
 
+from flax import traverse_util
 import ml_collections
 
 from benchmarks import evidence_report as report
@@ -32,17 +33,6 @@ def path(records: str, arm: str, seed: int) -> str:
   return os.path.join(records, arm, f"seed_{seed}.json")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  """{"model.name": ..., ...}: the nested config dict with dotted keys."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def _config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
@@ -50,8 +40,7 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
 def make(config: ml_collections.ConfigDict, workdir: str, validation: dict,
          test: dict | None, wall_s: float | None) -> dict:
   """The record of a finished run in `workdir` (its curves read from the events there)."""
-  curves = {tag: {str(step): value for step, value in sorted(
-      report.read_scalars(workdir, tag).items())} for tag in CURVES}
+  curves = {tag: dict(sorted(report.read_scalars(workdir, tag).items())) for tag in CURVES}
   record = {"config": _config_dict(config), "validation": validation, "curves": curves,
             "wall_s": None if wall_s is None else round(wall_s, 1)}
   if test is not None:
@@ -60,7 +49,8 @@ def make(config: ml_collections.ConfigDict, workdir: str, validation: dict,
 
 
 def write(record_path: str, record: dict) -> None:
-  """Writes `record` as JSON; a temporary file renamed into place, so never half written."""
+  """Writes `record` as JSON (curve steps become strings); a temporary file renamed into
+  place, so never half written."""
   os.makedirs(os.path.dirname(record_path), exist_ok=True)
   tmp = record_path + ".tmp"
   with open(tmp, "w") as f:
@@ -80,7 +70,8 @@ def read(record_path: str, config: ml_collections.ConfigDict) -> dict | None:
     return None
   with open(record_path) as f:
     record = json.load(f)
-  have, want = _flat(record["config"]), _flat(_config_dict(config))
+  have, want = (traverse_util.flatten_dict(c, sep=".")
+                for c in (record["config"], _config_dict(config)))
   differ = sorted(k for k in set(have) | set(want)
                   if k not in PATH_FIELDS and have.get(k) != want.get(k))
   if differ:

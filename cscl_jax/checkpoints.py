@@ -16,6 +16,7 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -151,14 +152,6 @@ def load_encoder(path: str, params: Any, batch_stats: Any) -> tuple[Any, Any]:
            "encoder": restructure(expected["batch_stats"], loaded["batch_stats"])})
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": 1}} -> {"a.b": 1}."""
-  flat = {}
-  for k, v in tree.items():
-    flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-  return flat
-
-
 def _replays_exactly(field: str) -> bool:
   """Whether `field` must stay as it was for a resumed run to continue the same one."""
   return field.startswith("model.") or field in RESUME_FIELDS
@@ -185,13 +178,13 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
   path = _path(workdir) / CONFIG_FILE
   written = {**json.loads(config.to_json_best_effort()),
              "process_count": jax.process_count()}
-  current = _flat(written)
+  current = traverse_util.flatten_dict(written, sep=".")
   if has_checkpoint:
     if not path.exists():
       raise ValueError(
           f"{workdir} holds checkpoints but no {CONFIG_FILE}, so it cannot be checked "
           "against this config; use a new --workdir.")
-    saved = _flat(json.loads(path.read_text()))
+    saved = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".")
     differ = [k for k in sorted(set(saved) | set(current))
               if k in saved and saved[k] != current.get(k)]
     describe = lambda keys: "\n  ".join(
