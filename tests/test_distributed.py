@@ -24,6 +24,7 @@ import time
 
 from flax import jax_utils
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
@@ -47,6 +48,7 @@ import sys
 import jax
 port, process_id, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_enable_x64", True)
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                            process_id=process_id)
 import test_distributed
@@ -62,12 +64,21 @@ def _config(stage: str):
 
 def _initial_state(config):
   """The tiny model with plain SGD: Adam would turn float noise in zero gradients into
-  full-size steps, which no tolerance could compare."""
-  model = models.create_model(config.model, axis_name=steps.AXIS)
+  full-size steps, which no tolerance could compare.
+
+  It computes in float64 (callers enable x64): in float32, one pre-activation within
+  round-off of LeakyReLU's kink takes slope 1 on one side and 0.01 on the other, and a
+  different summation order (4 devices against 1) can flip it, a difference no
+  tolerance on round-off covers. Parameters stay float32; BatchNorm statistics, which
+  the float64 batch statistics update, start float64.
+  """
+  model = models.create_model(config.model, dtype=jnp.float64, axis_name=steps.AXIS)
   state = steps.create_train_state(jax.random.key(0, impl="rbg"), config, model,
                                    steps.learning_rate_schedule(config, 10))
   tx = optax.sgd(LEARNING_RATE)
-  return state.replace(tx=tx, opt_state=tx.init(state.params))
+  return state.replace(tx=tx, opt_state=tx.init(state.params),
+                       batch_stats=jax.tree.map(lambda s: s.astype(jnp.float64),
+                                                state.batch_stats))
 
 
 def _global_batches(config):
@@ -169,14 +180,15 @@ def test_two_processes_train_like_one_device(tmp_path):
   saved = np.load(out)
   assert saved["stops"].tolist() == [False, True]
   for stage, _ in CASES:
-    expected = _train_shard_map(_config(stage), jax.devices()[:1])
+    with jax.enable_x64(True):
+      expected = _train_shard_map(_config(stage), jax.devices()[:1])
+      initial = jax.tree.leaves(_initial_state(_config(stage)).params)
     leaves = jax.tree_util.tree_leaves_with_path(expected)
     for path, leaf in leaves:
       got = saved[f"{stage}/{jax.tree_util.keystr(path)}"]
       assert np.isfinite(got).all()
       np.testing.assert_allclose(got, leaf, rtol=1e-5, atol=1e-6,
                                  err_msg=f"{stage} {jax.tree_util.keystr(path)}")
-    initial = jax.tree.leaves(_initial_state(_config(stage)).params)
     assert any(not np.allclose(a, b) for a, b in zip(initial, jax.tree.leaves(expected)))
 
 

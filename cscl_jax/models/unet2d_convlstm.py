@@ -78,7 +78,7 @@ class ConvLSTMCell(nn.Module):
   Attributes:
     hidden: hidden channels.
     train: batch statistics (True) or running statistics (False).
-    dtype: computation dtype; the cell state c is kept in float32.
+    dtype: computation dtype; the cell state c is kept in float32 (or wider).
     axis_name: pmap axis over which BatchNorm averages its statistics.
   """
   hidden: int
@@ -130,7 +130,7 @@ class ConvLSTM(nn.Module):
                    variable_broadcast="params", split_rngs={"params": False},
                    in_axes=1, out_axes=1, unroll=x.shape[1])
     carry = (jnp.zeros((b, h, w, self.hidden), self.dtype),
-             jnp.zeros((b, h, w, self.hidden), jnp.float32))
+             jnp.zeros((b, h, w, self.hidden), jnp.promote_types(self.dtype, jnp.float32)))
     _, hidden = scan(self.hidden, train, dtype=self.dtype, axis_name=self.axis_name,
                      name="cell")(carry, x)
     return hidden
