@@ -199,13 +199,12 @@ def finished_scores(config: ml_collections.ConfigDict, workdir: str) -> dict | N
   return scores if scores["step"] == config.num_train_steps else None
 
 
-def train_run(config: ml_collections.ConfigDict, workdir: str, name: str
-              ) -> tuple[dict, float | None]:
-  """Trains one run unless finished: (its last validation metrics, seconds; None if skipped)."""
+def train_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> dict:
+  """Trains one run unless finished; returns its last validation metrics."""
   scores = finished_scores(config, workdir)
   if scores is not None:
     print(f"[skip] {name}: finished ({workdir})", flush=True)
-    return scores, None
+    return scores
   print(f"[run]  {name}: {config.num_train_steps} steps in {workdir}", flush=True)
   start = time.perf_counter()
   scores = train.train_and_evaluate(config, workdir)
@@ -213,7 +212,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, name: str
   print(f"[done] {name}: {wall:.0f} s, " + ", ".join(
       f"{k}={scores[k]:.4f}" for k in ("miou", "boundary/miou", "sim_same", "sim_diff")
       if k in scores), flush=True)
-  return {"step": config.num_train_steps, **scores}, wall
+  return {"step": config.num_train_steps, **scores}
 
 
 def evaluate_best(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
@@ -248,7 +247,7 @@ def record_of(runs: dict[str, tuple[ml_collections.ConfigDict, str]], name: str,
     return record
   pretraining = config.model.stage == "pretrain"
   if report_only:
-    scores, wall = finished_scores(config, workdir), None
+    scores = finished_scores(config, workdir)
     if scores is None or not (pretraining or os.path.exists(
         os.path.join(workdir, TEST_METRICS))):
       return None  # Still training, or not yet evaluated on the test split.
@@ -256,9 +255,9 @@ def record_of(runs: dict[str, tuple[ml_collections.ConfigDict, str]], name: str,
     for init, (init_config, init_dir) in runs.items():
       if init_dir == config.init_from and finished_scores(init_config, init_dir) is None:
         train_run(init_config, init_dir, f"{init} seed {seed}")
-    scores, wall = train_run(config, workdir, label)
+    scores = train_run(config, workdir, label)
   test = None if pretraining else evaluate_best(config, workdir, FLAGS.test_split)
-  record = run_records.make(config, workdir, scores, test, wall)
+  record = run_records.make(config, workdir, scores, test)
   run_records.write(where, record)
   return record
 

@@ -73,6 +73,18 @@ def read_scalars(workdir: str, tag: str) -> dict[int, float]:
   return values
 
 
+def training_seconds(workdir: str) -> float | None:
+  """Seconds a run trained, from its TensorBoard events: the span of each event file's
+  write times (one file per invocation of the training program), summed over the
+  invocations that trained it, resumed ones included. None without events."""
+  spans = []
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    times = [tf.compat.v1.Event.FromString(record.numpy()).wall_time
+             for record in tf.data.TFRecordDataset(path)]
+    spans.append(max(times) - min(times) if times else 0.0)
+  return sum(spans) if spans else None
+
+
 def _difference(differences: list[float]) -> str:
   """"+m [lo, hi]" (mean and 95 % CI); "+m (1 seed, no CI)" for a single seed."""
   if len(differences) == 1:
@@ -93,7 +105,8 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
 
   Args:
     results: arm -> seed -> test metrics of its best-validation checkpoint, and optionally
-      "wall_s", the seconds the run trained (None: unknown), shown per seed and summed.
+      "wall_s", the seconds the run trained (`training_seconds`; None: unknown), shown
+      per seed and summed.
     baselines: arm -> the arm it is paired with (CSCL arm -> "supervised", ...); a pair
       with a single common seed gets its difference without an interval, one with none
       no row.
@@ -134,7 +147,7 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
            for s in by_seed.values()]
   known = [w for w in walls if w is not None]
   lines += ["", f"Training wall time of these runs: {sum(known) / 3600:.2f} h over "
-            f"{len(known)} of {len(walls)} runs (the others trained before they had a record)."]
+            f"{len(known)} of {len(walls)} runs (the others have no events to time them by)."]
   return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,8 @@ results (benchmarks/results/evidence/<encoder>/):
   validation  its last validation metrics (pre-training: loss, sim_same, sim_diff);
   test        test metrics of its best-validation checkpoint (absent for pre-training);
   curves      {tag: {step: value}} of CURVES from its TensorBoard events;
-  wall_s      seconds it trained in the invocation that trained it (None: trained earlier).
+  wall_s      seconds it trained, summed over the invocations that trained it (from the
+              write times of its TensorBoard events, `report.training_seconds`).
 
   path(records, arm, seed)     where a run's record lives;
   make(...) / write(path, r)   build one from a finished workdir; write it atomically;
@@ -38,9 +39,11 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def make(config: ml_collections.ConfigDict, workdir: str, validation: dict,
-         test: dict | None, wall_s: float | None) -> dict:
-  """The record of a finished run in `workdir` (its curves read from the events there)."""
+         test: dict | None) -> dict:
+  """The record of a finished run in `workdir` (its curves and wall time read from the
+  events there)."""
   curves = {tag: dict(sorted(report.read_scalars(workdir, tag).items())) for tag in CURVES}
+  wall_s = report.training_seconds(workdir)
   record = {"config": _config_dict(config), "validation": validation, "curves": curves,
             "wall_s": None if wall_s is None else round(wall_s, 1)}
   if test is not None:

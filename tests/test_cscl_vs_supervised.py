@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from benchmarks import cscl_vs_supervised
 from benchmarks import evidence_report
@@ -171,7 +172,7 @@ def test_a_record_answers_only_for_its_config(tmp_path):
   config.init_from = "/old/machine/pretrain/m2/seed_0"
   workdir = str(tmp_path / "run")  # No events: empty curves.
   path = run_records.path(str(tmp_path / "records"), "paper/m2", 0)
-  run_records.write(path, run_records.make(config, workdir, {"miou": 0.5}, {"miou": 0.4}, 3.0))
+  run_records.write(path, run_records.make(config, workdir, {"miou": 0.5}, {"miou": 0.4}))
   assert run_records.read(str(tmp_path / "none.json"), config) is None
   moved = config.copy_and_resolve_references()
   moved.init_from, moved.dataset.data_dir = "/new/pretrain/m2/seed_0", "/new/tfds"
@@ -192,3 +193,14 @@ def test_diff_plot_needs_two_seeds_of_a_pair(tmp_path):
   results["paper/m1"][0] = {"boundary/miou": 0.6, "interior/miou": 0.7}
   assert evidence_report.diff_plot(results, {"paper/m1": "supervised"}, path, "t")
   assert os.path.getsize(path) > 1000
+
+
+def test_training_seconds_sum_the_invocations(tmp_path):
+  # Two invocations (one event file each): 100 -> 400 s, then resumed 1000 -> 1050 s.
+  for name, times in (("events.out.tfevents.1.host.0.v2", (100.0, 160.0, 400.0)),
+                      ("events.out.tfevents.2.host.0.v2", (1000.0, 1050.0))):
+    with tf.io.TFRecordWriter(str(tmp_path / name)) as writer:
+      for step, wall_time in enumerate(times):
+        writer.write(tf.compat.v1.Event(wall_time=wall_time, step=step).SerializeToString())
+  assert evidence_report.training_seconds(str(tmp_path)) == 350.0
+  assert evidence_report.training_seconds(str(tmp_path / "absent")) is None
