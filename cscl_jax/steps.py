@@ -129,7 +129,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
   def loss_fn(params):
     # A frozen encoder runs in inference mode: BatchNorm normalises with its running
-    # statistics and leaves them unchanged, without dropout (the heads have neither).
+    # statistics and leaves them unchanged, without dropout (the heads have neither). Its
+    # params are constants here, so only the head's backward pass runs.
+    if config.freeze_encoder:
+      params = {**params, "encoder": lax.stop_gradient(params["encoder"])}
     outputs, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["inputs"],
         train=not config.freeze_encoder, mutable=["batch_stats"],
