@@ -20,7 +20,10 @@ config.model, so the same widths; the supervised arm keeps the encoder and its c
         it runs in inference mode with fixed BatchNorm statistics; only the classifier
         head trains, 1x1 for UNet3Df, the reference's 3x3 for UNet2D-ConvLSTM)
         for --probe_steps on the CSCL encoder pre-trained with the largest M, and on a
-        randomly initialised encoder.
+        randomly initialised encoder, once per rate of --probe_learning_rates; each
+        encoder's probe is the rate with the best validation mIoU (per seed). One rate
+        cannot suit both: the CSCL encoder's features are ~10x larger than a random one's,
+        and at the fine-tuning rate (1e-4) the random probe stays at chance.
     >= 5 seeds.
  3. Every run validates on --select_split (validation) and keeps its best checkpoint by
     validation mIoU; after training that checkpoint is evaluated on --test_split (test)
@@ -45,7 +48,8 @@ config.model, so the same widths; the supervised arm keeps the encoder and its c
     common seed has no interval).
 
 Workdirs (scratch): <outdir>/supervised/seed_<s>, pretrain/m<M>/seed_<s>,
-paper/m<M>/seed_<s>, matched/m<M>/seed_<s>, probe/random/seed_<s>, probe/cscl_m<M>/seed_<s>,
+paper/m<M>/seed_<s>, matched/m<M>/seed_<s>, probe/random/lr<rate>/seed_<s>,
+probe/cscl_m<M>/lr<rate>/seed_<s>,
 pretrain_<ablation>/m<M>/seed_<s>, paper_<ablation>/m<M>/seed_<s>. Records (durable, to
 commit): <records>/<same name>.json, one per finished run (benchmarks/run_records.py: its
 config, validation and test metrics, loss and validation curves, wall time). A run with a
@@ -92,6 +96,9 @@ flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; each trains every 
 flags.DEFINE_list("pretrain_fractions", ["0.125", "0.25", "0.5", "1"],
                   "CSCL pre-training steps M as fractions of N = config.num_train_steps.")
 flags.DEFINE_integer("probe_steps", -1, "Linear-probe steps; -1: N // 4; 0: no probe.")
+flags.DEFINE_list("probe_learning_rates", ["1e-4", "1e-3", "1e-2"],
+                  "The linear probes' learning rates; each encoder's probe is the rate with "
+                  "the best validation mIoU.")
 flags.DEFINE_list("ablations", [], "Reference settings changed one at a time in the paper "
                   "arm at M = --ablation_fraction N, each paired with that paper arm: "
                   "mask, no_norm_emb, pos_weight_1 (ABLATIONS).")
@@ -138,20 +145,24 @@ def pretrain_steps(total: int, fractions: list[float]) -> list[int]:
 
 def seed_runs(base: ml_collections.ConfigDict, seed: int, steps_m: list[int],
               probe_steps: int, select_split: str, outdir: str,
-              ablations: Sequence[str] = (), ablation_m: int = 0
+              ablations: Sequence[str] = (), ablation_m: int = 0,
+              probe_rates: Sequence[float] = (1e-3,)
               ) -> dict[str, tuple[ml_collections.ConfigDict, str]]:
   """The runs of one seed, name -> (config, workdir), in an order that can run them.
 
-  Each of `ablations` (keys of ABLATIONS) adds pretrain_<name>/m<ablation_m> and
-  paper_<name>/m<ablation_m>: the paper arm with that one setting changed.
+  The probes are probe/random/lr<rate> and probe/cscl_m<M>/lr<rate> for each of
+  `probe_rates`. Each of `ablations` (keys of ABLATIONS) adds pretrain_<name>/m<ablation_m>
+  and paper_<name>/m<ablation_m>: the paper arm with that one setting changed.
   """
   total = base.num_train_steps
 
-  def make(name, stage, steps, init_from="", freeze=False, change=None):
+  def make(name, stage, steps, init_from="", freeze=False, change=None, rate=None):
     config = base.copy_and_resolve_references()
     config.seed, config.num_train_steps, config.model.stage = seed, steps, stage
     config.dataset.eval_split, config.init_from = select_split, init_from
     config.freeze_encoder = freeze
+    if rate is not None:
+      config.learning_rate = rate
     if change:
       (section, field), value = change[0].split("."), change[1]
       config[section][field] = value
@@ -163,11 +174,12 @@ def seed_runs(base: ml_collections.ConfigDict, seed: int, steps_m: list[int],
     runs[f"paper/m{m}"] = make(f"paper/m{m}", "finetune", total, pre[1])
     if m < total:
       runs[f"matched/m{m}"] = make(f"matched/m{m}", "finetune", total - m, pre[1])
-  if probe_steps:
+  for rate in probe_rates if probe_steps else ():
     m = max(steps_m)
-    runs["probe/random"] = make("probe/random", "supervised", probe_steps, freeze=True)
-    runs[f"probe/cscl_m{m}"] = make(f"probe/cscl_m{m}", "finetune", probe_steps,
-                                    runs[f"pretrain/m{m}"][1], freeze=True)
+    for probe, stage, init in (("probe/random", "supervised", ""),
+                               (f"probe/cscl_m{m}", "finetune", runs[f"pretrain/m{m}"][1])):
+      name = f"{probe}/lr{rate:g}"
+      runs[name] = make(name, stage, probe_steps, init, freeze=True, rate=rate)
   for name in ablations:
     m, change = ablation_m, ABLATIONS[name]
     pre = make(f"pretrain_{name}/m{m}", "pretrain", m, change=change)
@@ -175,6 +187,35 @@ def seed_runs(base: ml_collections.ConfigDict, seed: int, steps_m: list[int],
     runs[f"paper_{name}/m{m}"] = make(f"paper_{name}/m{m}", "finetune", total, pre[1],
                                       change=change)
   return runs
+
+
+def best_probes(results: dict[str, dict[int, dict]], validation: dict[str, dict[int, float]]
+                ) -> dict[str, dict[int, dict]]:
+  """Merges each encoder's probes over the learning rates, per seed.
+
+  Args:
+    results: arm -> seed -> test scores; probes are named <probe>/lr<rate>.
+    validation: the same probe names -> seed -> validation mIoU.
+
+  Returns:
+    `results` with every <probe>/lr<rate> replaced by <probe>: per seed the test scores of
+    the rate with the best validation mIoU (seeds with any rate unfinished are left out),
+    that rate under "learning_rate" and the training seconds of all its rates ("wall_s").
+  """
+  merged = {a: r for a, r in results.items() if "/lr" not in a}
+  probes: dict[str, list[str]] = {}
+  for arm in results:
+    if "/lr" in arm:
+      probes.setdefault(arm.rsplit("/lr", 1)[0], []).append(arm)
+  for probe, arms in probes.items():
+    seeds = set.intersection(*(set(results[a]) for a in arms))
+    for seed in sorted(seeds):
+      best = max(arms, key=lambda a: validation[a][seed])
+      walls = [results[a][seed].get("wall_s") for a in arms]
+      merged.setdefault(probe, {})[seed] = {
+          **results[best][seed], "learning_rate": float(best.rsplit("/lr", 1)[1]),
+          "wall_s": None if None in walls else sum(walls)}
+  return merged
 
 
 def baselines_of(arms: list[str]) -> dict[str, str]:
@@ -317,10 +358,11 @@ def main(argv):
                            "is not one of --pretrain_fractions: its paper arm is the "
                            "ablations' baseline.")
   records = FLAGS.records or os.path.join(outdir, "records")
-  results, pretrain, losses = {}, {}, {}
+  probe_rates = [float(r) for r in FLAGS.probe_learning_rates]
+  results, pretrain, losses, probe_validation = {}, {}, {}, {}
   for seed in seeds:
     runs = seed_runs(base, seed, steps_m, probe_steps, FLAGS.select_split, outdir,
-                     FLAGS.ablations, ablation_m)
+                     FLAGS.ablations, ablation_m, probe_rates)
     for name in runs:
       record = record_of(runs, name, seed, records, FLAGS.report_only)
       if record is None:
@@ -330,9 +372,13 @@ def main(argv):
                                                "wall_s": record["wall_s"]}
         continue
       results.setdefault(name, {})[seed] = {**record["test"], "wall_s": record["wall_s"]}
-      if not name.startswith("probe/"):
+      if name.startswith("probe/"):
+        probe_validation.setdefault(name, {})[seed] = record["validation"]["miou"]
+      else:
         losses.setdefault(name, []).append(record["curves"]["train/loss"])
-  setup = (describe(base, len(seeds)) + f"; M in {steps_m}, probe {probe_steps} steps; "
+  results = best_probes(results, probe_validation)
+  setup = (describe(base, len(seeds)) + f"; M in {steps_m}, probe {probe_steps} steps, "
+           f"best of lr {probe_rates}; "
            + (f"ablations {FLAGS.ablations} at M={ablation_m}; " if FLAGS.ablations else "")
            + f"best on '{FLAGS.select_split}', evaluated on '{FLAGS.test_split}'")
   command = " ".join(["python -m benchmarks.cscl_vs_supervised"] + sys.argv[1:])

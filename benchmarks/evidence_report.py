@@ -106,7 +106,8 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
   Args:
     results: arm -> seed -> test metrics of its best-validation checkpoint, and optionally
       "wall_s", the seconds the run trained (`training_seconds`; None: unknown), shown
-      per seed and summed.
+      per seed and summed, and "learning_rate", a rate chosen per seed (the probes),
+      shown beside the arm in its per-seed row.
     baselines: arm -> the arm it is paired with (CSCL arm -> "supervised", ...); a pair
       with a single common seed gets its difference without an interval, one with none
       no row.
@@ -133,7 +134,8 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
             row(["---"] * (4 + len(METRICS)))]
   for arm, by_seed in results.items():
     for seed, s in sorted(by_seed.items()):
-      lines.append(row([arm, str(seed), str(s["step"])] + [f"{s[k]:.4f}" for k, _ in METRICS]
+      name = f"{arm} (lr {s['learning_rate']:g})" if "learning_rate" in s else arm
+      lines.append(row([name, str(seed), str(s["step"])] + [f"{s[k]:.4f}" for k, _ in METRICS]
                        + [_seconds(s)]))
   lines += ["", "CSCL pre-training at its last step, validation split (mean cosine similarity "
             "of same- and different-class pairs in the window):", "",

@@ -57,12 +57,18 @@ def _benchmark(outdir: str, data_dir: str, cache_dir: str, *extra: str) -> str:
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.cscl_vs_supervised", f"--outdir={outdir}",
        "--seeds=0,1", "--pretrain_fractions=0.5,1", "--probe_steps=1",
+       "--probe_learning_rates=1e-3,1e-2",
        "--config=configs/test.py", f"--config.dataset.data_dir={data_dir}",
        "--config.num_train_steps=2", "--config.eval_every_steps=100",
        "--config.checkpoint_every_steps=100", "--config.precise_bn_batches=1", *extra],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
+
+
+def read_json(*path: str) -> dict:
+  with open(os.path.join(*path)) as f:
+    return json.load(f)
 
 
 def _rows(table: str, first_cell: str) -> list[list[str]]:
@@ -76,8 +82,18 @@ def test_ablations_change_one_pretraining_setting_and_pair_with_the_paper_arm():
   base = test_config.get_config()
   base.num_train_steps = 8
   names = sorted(cscl_vs_supervised.ABLATIONS)
-  runs = cscl_vs_supervised.seed_runs(base, 3, [2, 8], 2, "validation", "/out", names, 2)
+  runs = cscl_vs_supervised.seed_runs(base, 3, [2, 8], 2, "validation", "/out", names, 2,
+                                      probe_rates=[1e-3, 1e-2])
   plain = {n: c for n, (c, _) in runs.items()}
+  # The probes: each encoder once per rate, frozen, 2 steps, only the rate differs.
+  probes = {n: c for n, c in plain.items() if n.startswith("probe/")}
+  assert sorted(probes) == ["probe/cscl_m8/lr0.001", "probe/cscl_m8/lr0.01",
+                            "probe/random/lr0.001", "probe/random/lr0.01"]
+  assert runs["probe/cscl_m8/lr0.01"][0].init_from == runs["pretrain/m8"][1]
+  assert runs["probe/random/lr0.01"][1] == "/out/probe/random/lr0.01/seed_3"
+  for name, config in probes.items():
+    assert config.freeze_encoder and config.num_train_steps == 2
+    assert config.learning_rate == float(name.rsplit("/lr", 1)[1])
   flat = lambda c: {f"{s}.{k}": v for s in ("model", "cscl") for k, v in c[s].items()}
   for name, (field, value) in cscl_vs_supervised.ABLATIONS.items():
     pre, pre_dir = runs[f"pretrain_{name}/m2"]
@@ -87,26 +103,50 @@ def test_ablations_change_one_pretraining_setting_and_pair_with_the_paper_arm():
       differ = {k for k, v in flat(changed).items() if flat(reference)[k] != v}
       assert differ == {field} and flat(changed)[field] == value
     assert (paper.seed, paper.num_train_steps, pre.num_train_steps) == (3, 8, 2)
-  baselines = cscl_vs_supervised.baselines_of(list(runs))
+  merged = sorted({n.rsplit("/lr", 1)[0] for n in runs})  # the probes after best_probes
+  baselines = cscl_vs_supervised.baselines_of(merged)
   assert baselines["paper_mask/m2"] == "paper/m2"
   assert baselines["paper/m2"] == baselines["matched/m2"] == "supervised"
   assert baselines["probe/cscl_m8"] == "probe/random"
+
+
+def test_each_probe_takes_its_best_validation_rate_per_seed():
+  test = lambda miou, wall=10.0: {"miou": miou, "step": 5, "wall_s": wall}
+  results = {"supervised": {0: test(0.8)},
+             "probe/random/lr0.001": {0: test(0.1), 1: test(0.2, None)},
+             "probe/random/lr0.01": {0: test(0.3), 1: test(0.4)},
+             "probe/cscl_m8/lr0.001": {0: test(0.5), 1: test(0.6)},
+             "probe/cscl_m8/lr0.01": {0: test(0.7)}}  # seed 1 unfinished
+  validation = {"probe/random/lr0.001": {0: 0.9, 1: 0.1}, "probe/random/lr0.01": {0: 0.2, 1: 0.3},
+                "probe/cscl_m8/lr0.001": {0: 0.5, 1: 0.9}, "probe/cscl_m8/lr0.01": {0: 0.4}}
+  merged = cscl_vs_supervised.best_probes(results, validation)
+  assert sorted(merged) == ["probe/cscl_m8", "probe/random", "supervised"]
+  assert merged["supervised"] == results["supervised"]
+  # By validation, not by test: seed 0 of the random probe takes lr 1e-3 (test 0.1).
+  assert merged["probe/random"] == {
+      0: {"miou": 0.1, "step": 5, "wall_s": 20.0, "learning_rate": 1e-3},
+      1: {"miou": 0.4, "step": 5, "wall_s": None, "learning_rate": 1e-2}}
+  assert merged["probe/cscl_m8"] == {
+      0: {"miou": 0.5, "step": 5, "wall_s": 20.0, "learning_rate": 1e-3}}
 
 
 def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   dirs = [str(tmp_path / d) for d in ("out", "tfds", "jax_cache")]
   outdir, records = dirs[0], str(tmp_path / "records")
   log = _benchmark(*dirs, f"--records={records}")
-  # Per seed: supervised, pretrain m1 and m2, paper m1 and m2, matched m1, two probes.
-  assert log.count("[run]") == 16 and "[skip]" not in log
+  # Per seed: supervised, pretrain m1 and m2, paper m1 and m2, matched m1, two probes at
+  # two rates each.
+  assert log.count("[run]") == 20 and "[skip]" not in log
   with open(os.path.join(outdir, "results.md")) as f:
     table = f.read()
   for name in ("results.md", "diff.png", "loss_curves.png"):
     assert os.path.getsize(os.path.join(outdir, name)) > 1000
 
   def test_metrics(arm, seed):
-    with open(os.path.join(outdir, arm, f"seed_{seed}", "test_metrics.json")) as f:
-      return json.load(f)
+    if arm.startswith("probe/"):  # The rate with the best validation mIoU.
+      arm = max((f"{arm}/lr{r}" for r in ("0.001", "0.01")), key=lambda a: read_json(
+          records, a, f"seed_{seed}.json")["validation"]["miou"])
+    return read_json(outdir, arm, f"seed_{seed}", "test_metrics.json")
 
   for arm, base in (("paper/m1", "supervised"), ("matched/m1", "supervised"),
                     ("paper/m2", "supervised"), ("probe/cscl_m2", "probe/random")):
@@ -124,7 +164,8 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   # One record per run, with what the report needs.
   paths = sorted(os.path.relpath(os.path.join(d, f), records)
                  for d, _, files in os.walk(records) for f in files)
-  assert len(paths) == 16 and "paper/m2/seed_1.json" in paths
+  assert len(paths) == 20 and "paper/m2/seed_1.json" in paths
+  assert "probe/cscl_m2/lr0.01/seed_1.json" in paths
   with open(os.path.join(records, "paper", "m2", "seed_1.json")) as f:
     record = json.load(f)
   assert record["test"] == test_metrics("paper/m2", 1)
@@ -132,10 +173,14 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   assert "2" in record["curves"]["train/loss"] and record["wall_s"] > 0
   per_seed = [r for r in _rows(table, "paper/m2") if len(r) == 9]  # + best step, train s.
   assert [r[1] for r in per_seed] == ["0", "1"] and all(r[-1].isdigit() for r in per_seed)
+  for seed in (0, 1):  # A probe's row names the rate it chose.
+    best = max(("0.001", "0.01"), key=lambda r: read_json(
+        records, f"probe/random/lr{r}", f"seed_{seed}.json")["validation"]["miou"])
+    assert [r[1] for r in _rows(table, f"probe/random (lr {best})")].count(str(seed)) == 1
   assert "over 16 of 16 runs" in table  # 12 tested, 4 pre-training.
 
   log = _benchmark(*dirs, f"--records={records}")
-  assert log.count("[skip]") == 16 and "[run]" not in log
+  assert log.count("[skip]") == 20 and "[run]" not in log
   with open(os.path.join(outdir, "results.md")) as f:
     assert f.read() == table
 
@@ -144,7 +189,7 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   os.remove(os.path.join(records, "paper", "m2", "seed_1.json"))
   os.remove(os.path.join(outdir, "paper", "m2", "seed_1", "metrics.json"))
   log = _benchmark(*dirs, f"--records={records}", "--report_only")
-  assert "[run]" not in log and log.count("[skip]") == 15
+  assert "[run]" not in log and log.count("[skip]") == 19
   with open(os.path.join(outdir, "results.md")) as f:
     progress = f.read()
   assert progress.startswith("# CSCL vs supervised (progress")
@@ -158,7 +203,7 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   # numbers (same seed, same data order, deterministic on CPU).
   shutil.rmtree(outdir)
   log = _benchmark(*dirs, f"--records={records}")
-  assert log.count("[skip]") == 15 and log.count("[run]") == 2
+  assert log.count("[skip]") == 19 and log.count("[run]") == 2
   assert "[run]  pretrain/m2 seed 1" in log and "[run]  paper/m2 seed 1" in log
   with open(os.path.join(records, "paper", "m2", "seed_1.json")) as f:
     assert json.load(f)["test"] == record["test"]
