@@ -87,6 +87,10 @@ from cscl_jax import host_memory
 from cscl_jax import train
 
 FLAGS = flags.FLAGS
+
+# The linear probes' learning rates: each encoder's probe keeps the best on validation.
+PROBE_LEARNING_RATES = (1e-4, 1e-3, 1e-2)
+
 flags.DEFINE_string("outdir", None, "Where the run workdirs, results.md and the plots go.")
 flags.DEFINE_string("records", None, "Folder of the runs' records (benchmarks/run_records.py:"
                     " one small JSON per finished run, all that the report reads; commit "
@@ -96,7 +100,7 @@ flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; each trains every 
 flags.DEFINE_list("pretrain_fractions", ["0.125", "0.25", "0.5", "1"],
                   "CSCL pre-training steps M as fractions of N = config.num_train_steps.")
 flags.DEFINE_integer("probe_steps", -1, "Linear-probe steps; -1: N // 4; 0: no probe.")
-flags.DEFINE_list("probe_learning_rates", ["1e-4", "1e-3", "1e-2"],
+flags.DEFINE_list("probe_learning_rates", [f"{r:g}" for r in PROBE_LEARNING_RATES],
                   "The linear probes' learning rates; each encoder's probe is the rate with "
                   "the best validation mIoU.")
 flags.DEFINE_list("ablations", [], "Reference settings changed one at a time in the paper "
@@ -146,7 +150,7 @@ def pretrain_steps(total: int, fractions: list[float]) -> list[int]:
 def seed_runs(base: ml_collections.ConfigDict, seed: int, steps_m: list[int],
               probe_steps: int, select_split: str, outdir: str,
               ablations: Sequence[str] = (), ablation_m: int = 0,
-              probe_rates: Sequence[float] = (1e-3,)
+              probe_rates: Sequence[float] = PROBE_LEARNING_RATES
               ) -> dict[str, tuple[ml_collections.ConfigDict, str]]:
   """The runs of one seed, name -> (config, workdir), in an order that can run them.
 
@@ -174,12 +178,13 @@ def seed_runs(base: ml_collections.ConfigDict, seed: int, steps_m: list[int],
     runs[f"paper/m{m}"] = make(f"paper/m{m}", "finetune", total, pre[1])
     if m < total:
       runs[f"matched/m{m}"] = make(f"matched/m{m}", "finetune", total - m, pre[1])
-  for rate in probe_rates if probe_steps else ():
+  if probe_steps:
     m = max(steps_m)
-    for probe, stage, init in (("probe/random", "supervised", ""),
-                               (f"probe/cscl_m{m}", "finetune", runs[f"pretrain/m{m}"][1])):
-      name = f"{probe}/lr{rate:g}"
-      runs[name] = make(name, stage, probe_steps, init, freeze=True, rate=rate)
+    for rate in probe_rates:
+      for probe, stage, init in (("probe/random", "supervised", ""),
+                                 (f"probe/cscl_m{m}", "finetune", runs[f"pretrain/m{m}"][1])):
+        name = f"{probe}/lr{rate:g}"
+        runs[name] = make(name, stage, probe_steps, init, freeze=True, rate=rate)
   for name in ablations:
     m, change = ablation_m, ABLATIONS[name]
     pre = make(f"pretrain_{name}/m{m}", "pretrain", m, change=change)

@@ -15,6 +15,7 @@ from benchmarks import cscl_vs_supervised
 from benchmarks import evidence_report
 from benchmarks import run_records
 from configs import test as test_config
+from test_main import _env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,11 +50,10 @@ def test_paired_ci_known_numbers():
 
 def _benchmark(outdir: str, data_dir: str, cache_dir: str, *extra: str) -> str:
   """Runs the benchmark on one CPU device in a subprocess; returns its output."""
-  # One device compiles quicker than conftest's 8 (its quick compiles kept); the compilation
-  # cache lets the second seed and the later arms reuse the first programs. One eval and
-  # save, at the end.
-  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  # A user's environment (one device, quick compiles); the compilation cache lets the
+  # second seed and the later arms reuse the first programs. One eval and save, at the end.
+  env = dict(_env(), JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.cscl_vs_supervised", f"--outdir={outdir}",
        "--seeds=0,1", "--pretrain_fractions=0.5,1", "--probe_steps=1",
@@ -66,7 +66,7 @@ def _benchmark(outdir: str, data_dir: str, cache_dir: str, *extra: str) -> str:
   return result.stdout
 
 
-def read_json(*path: str) -> dict:
+def _read_json(*path: str) -> dict:
   with open(os.path.join(*path)) as f:
     return json.load(f)
 
@@ -144,9 +144,9 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
 
   def test_metrics(arm, seed):
     if arm.startswith("probe/"):  # The rate with the best validation mIoU.
-      arm = max((f"{arm}/lr{r}" for r in ("0.001", "0.01")), key=lambda a: read_json(
+      arm = max((f"{arm}/lr{r}" for r in ("0.001", "0.01")), key=lambda a: _read_json(
           records, a, f"seed_{seed}.json")["validation"]["miou"])
-    return read_json(outdir, arm, f"seed_{seed}", "test_metrics.json")
+    return _read_json(outdir, arm, f"seed_{seed}", "test_metrics.json")
 
   for arm, base in (("paper/m1", "supervised"), ("matched/m1", "supervised"),
                     ("paper/m2", "supervised"), ("probe/cscl_m2", "probe/random")):
@@ -174,7 +174,7 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   per_seed = [r for r in _rows(table, "paper/m2") if len(r) == 9]  # + best step, train s.
   assert [r[1] for r in per_seed] == ["0", "1"] and all(r[-1].isdigit() for r in per_seed)
   for seed in (0, 1):  # A probe's row names the rate it chose.
-    best = max(("0.001", "0.01"), key=lambda r: read_json(
+    best = max(("0.001", "0.01"), key=lambda r: _read_json(
         records, f"probe/random/lr{r}", f"seed_{seed}.json")["validation"]["miou"])
     assert [r[1] for r in _rows(table, f"probe/random (lr {best})")].count(str(seed)) == 1
   assert "over 16 of 16 runs" in table  # 12 tested, 4 pre-training.
