@@ -382,8 +382,9 @@ def main(argv):
       else:
         losses.setdefault(name, []).append(record["curves"]["train/loss"])
   results = best_probes(results, probe_validation)
-  setup = (describe(base, len(seeds)) + f"; M in {steps_m}, probe {probe_steps} steps, "
-           f"best of lr {probe_rates}; "
+  probes = (f"probe {probe_steps} steps, best of lr {probe_rates}; " if probe_steps
+            else "no probe; ")
+  setup = (describe(base, len(seeds)) + f"; M in {steps_m}, " + probes
            + (f"ablations {FLAGS.ablations} at M={ablation_m}; " if FLAGS.ablations else "")
            + f"best on '{FLAGS.select_split}', evaluated on '{FLAGS.test_split}'")
   command = " ".join(["python -m benchmarks.cscl_vs_supervised"] + sys.argv[1:])

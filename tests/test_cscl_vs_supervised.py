@@ -56,7 +56,7 @@ def _benchmark(outdir: str, data_dir: str, cache_dir: str, *extra: str) -> str:
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.cscl_vs_supervised", f"--outdir={outdir}",
-       "--seeds=0,1", "--pretrain_fractions=0.5,1", "--probe_steps=1",
+       "--seeds=0,1", "--pretrain_fractions=0.5", "--probe_steps=1",
        "--probe_learning_rates=1e-3,1e-2",
        "--config=configs/test.py", f"--config.dataset.data_dir={data_dir}",
        "--config.num_train_steps=2", "--config.eval_every_steps=100",
@@ -91,6 +91,7 @@ def test_ablations_change_one_pretraining_setting_and_pair_with_the_paper_arm():
                             "probe/random/lr0.001", "probe/random/lr0.01"]
   assert runs["probe/cscl_m8/lr0.01"][0].init_from == runs["pretrain/m8"][1]
   assert runs["probe/random/lr0.01"][1] == "/out/probe/random/lr0.01/seed_3"
+  assert "matched/m2" in runs and "matched/m8" not in runs  # M = N leaves no fine-tuning.
   for name, config in probes.items():
     assert config.freeze_encoder and config.num_train_steps == 2
     assert config.learning_rate == float(name.rsplit("/lr", 1)[1])
@@ -134,9 +135,8 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   dirs = [str(tmp_path / d) for d in ("out", "tfds", "jax_cache")]
   outdir, records = dirs[0], str(tmp_path / "records")
   log = _benchmark(*dirs, f"--records={records}")
-  # Per seed: supervised, pretrain m1 and m2, paper m1 and m2, matched m1, two probes at
-  # two rates each.
-  assert log.count("[run]") == 20 and "[skip]" not in log
+  # Per seed: supervised, pretrain m1, paper m1, matched m1, two probes at two rates each.
+  assert log.count("[run]") == 16 and "[skip]" not in log
   with open(os.path.join(outdir, "results.md")) as f:
     table = f.read()
   for name in ("results.md", "diff.png", "loss_curves.png"):
@@ -149,7 +149,7 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
     return _read_json(outdir, arm, f"seed_{seed}", "test_metrics.json")
 
   for arm, base in (("paper/m1", "supervised"), ("matched/m1", "supervised"),
-                    ("paper/m2", "supervised"), ("probe/cscl_m2", "probe/random")):
+                    ("probe/cscl_m1", "probe/random")):
     (row,) = _rows(table, f"{arm} - {base}")
     assert row[1] == "2"
     for cell, key in zip(row[2:], ("miou", "oa", "boundary/miou", "interior/miou")):
@@ -158,54 +158,53 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
       expected = f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]"
       assert cell == expected, (arm, key)
   for seed in (0, 1):
-    scores = test_metrics("paper/m2", seed)
+    scores = test_metrics("paper/m1", seed)
     assert scores["split"] == "test" and scores["step"] == 2 and 0 <= scores["miou"] <= 1
-  assert not _rows(table, "matched/m2 - supervised")  # M = N/1 leaves no fine-tuning.
   # One record per run, with what the report needs.
   paths = sorted(os.path.relpath(os.path.join(d, f), records)
                  for d, _, files in os.walk(records) for f in files)
-  assert len(paths) == 20 and "paper/m2/seed_1.json" in paths
-  assert "probe/cscl_m2/lr0.01/seed_1.json" in paths
-  with open(os.path.join(records, "paper", "m2", "seed_1.json")) as f:
+  assert len(paths) == 16 and "paper/m1/seed_1.json" in paths
+  assert "probe/cscl_m1/lr0.01/seed_1.json" in paths
+  with open(os.path.join(records, "paper", "m1", "seed_1.json")) as f:
     record = json.load(f)
-  assert record["test"] == test_metrics("paper/m2", 1)
+  assert record["test"] == test_metrics("paper/m1", 1)
   assert record["config"]["num_train_steps"] == 2 and record["config"]["seed"] == 1
   assert "2" in record["curves"]["train/loss"] and record["wall_s"] > 0
-  per_seed = [r for r in _rows(table, "paper/m2") if len(r) == 9]  # + best step, train s.
+  per_seed = [r for r in _rows(table, "paper/m1") if len(r) == 9]  # + best step, train s.
   assert [r[1] for r in per_seed] == ["0", "1"] and all(r[-1].isdigit() for r in per_seed)
   for seed in (0, 1):  # A probe's row names the rate it chose.
     best = max(("0.001", "0.01"), key=lambda r: _read_json(
         records, f"probe/random/lr{r}", f"seed_{seed}.json")["validation"]["miou"])
     assert [r[1] for r in _rows(table, f"probe/random (lr {best})")].count(str(seed)) == 1
-  assert "over 16 of 16 runs" in table  # 12 tested, 4 pre-training.
+  assert "over 12 of 12 runs" in table  # 10 tested, 2 pre-training.
 
   log = _benchmark(*dirs, f"--records={records}")
-  assert log.count("[skip]") == 20 and "[run]" not in log
+  assert log.count("[skip]") == 16 and "[run]" not in log
   with open(os.path.join(outdir, "results.md")) as f:
     assert f.read() == table
 
-  # A progress report while seed 1's paper/m2 is unfinished: nothing trains, that pair
+  # A progress report while seed 1's paper/m1 is unfinished: nothing trains, that pair
   # keeps seed 0's difference without an interval, the others are unchanged.
-  os.remove(os.path.join(records, "paper", "m2", "seed_1.json"))
-  os.remove(os.path.join(outdir, "paper", "m2", "seed_1", "metrics.json"))
+  os.remove(os.path.join(records, "paper", "m1", "seed_1.json"))
+  os.remove(os.path.join(outdir, "paper", "m1", "seed_1", "metrics.json"))
   log = _benchmark(*dirs, f"--records={records}", "--report_only")
-  assert "[run]" not in log and log.count("[skip]") == 19
+  assert "[run]" not in log and log.count("[skip]") == 15
   with open(os.path.join(outdir, "results.md")) as f:
     progress = f.read()
   assert progress.startswith("# CSCL vs supervised (progress")
-  (row,) = _rows(progress, "paper/m2 - supervised")
-  d = test_metrics("paper/m2", 0)["miou"] - test_metrics("supervised", 0)["miou"]
+  (row,) = _rows(progress, "paper/m1 - supervised")
+  d = test_metrics("paper/m1", 0)["miou"] - test_metrics("supervised", 0)["miou"]
   assert row[1:3] == ["1", f"{d:+.4f} (1 seed, no CI)"]
-  assert _rows(progress, "paper/m1 - supervised") == _rows(table, "paper/m1 - supervised")
+  assert _rows(progress, "matched/m1 - supervised") == _rows(table, "matched/m1 - supervised")
 
   # The workdirs lost with their machine: the records answer for the finished runs, and
   # the unfinished one retrains the pre-training it starts from, then itself, to the same
   # numbers (same seed, same data order, deterministic on CPU).
   shutil.rmtree(outdir)
   log = _benchmark(*dirs, f"--records={records}")
-  assert log.count("[skip]") == 19 and log.count("[run]") == 2
-  assert "[run]  pretrain/m2 seed 1" in log and "[run]  paper/m2 seed 1" in log
-  with open(os.path.join(records, "paper", "m2", "seed_1.json")) as f:
+  assert log.count("[skip]") == 15 and log.count("[run]") == 2
+  assert "[run]  pretrain/m1 seed 1" in log and "[run]  paper/m1 seed 1" in log
+  with open(os.path.join(records, "paper", "m1", "seed_1.json")) as f:
     assert json.load(f)["test"] == record["test"]
   with open(os.path.join(outdir, "results.md")) as f:
     again = f.read()

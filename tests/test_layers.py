@@ -190,7 +190,7 @@ def test_encoders_are_the_same_function_with_either_formulation(monkeypatch, nam
                              mutable=["batch_stats"],
                              method=lambda m, x, train: m.encoder(x, train=train))
         return jnp.sum(out ** 2), out
-      return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+      return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
     (_, out_cpu), grads_cpu = loss_and_grads(True)
     (_, out_plain), grads_plain = loss_and_grads(False)
