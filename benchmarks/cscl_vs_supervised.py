@@ -57,7 +57,9 @@ record is skipped, its workdir may be gone (a fine-tuning run that still has to 
 retrains its pre-training first if that workdir has gone); a run whose metrics.json holds
 its last step gets its record from its workdir; an interrupted one resumes from its
 checkpoint. So rerunning the command resumes, on this machine or, from the records, on
-another.
+another. --only=<patterns> trains just the runs whose names match (fnmatch: 'paper/*',
+'probe/random/*'), reading the others from their records: a queue can then fit its runs
+into the time a machine has, one at a time, and hand the rest to another.
 
   python -m benchmarks.cscl_vs_supervised --learning_curve --outdir=/tmp/curve \
       --config=configs/finetune.py:quick --config.dataset.config=default \
@@ -68,6 +70,7 @@ another.
 """
 
 from collections.abc import Sequence
+import fnmatch
 import json
 import os
 import sys
@@ -113,6 +116,9 @@ flags.DEFINE_bool("learning_curve", False,
 flags.DEFINE_bool("report_only", False, "Train and evaluate nothing new: results.md and the "
                   "plots from the runs finished so far (a progress report while arms run); "
                   "finished runs without a record get one.")
+flags.DEFINE_list("only", [], "Train only the runs whose names match one of these fnmatch "
+                  "patterns (e.g. paper/m375,probe/random/*); the others are read from "
+                  "their records as with --report_only. Default: every run.")
 flags.DEFINE_string("select_split", "validation", "Split the runs validate on.")
 flags.DEFINE_string("test_split", "test", "Split the best checkpoints are evaluated on.")
 config_flags.DEFINE_config_file("config", "configs/finetune.py:quick",
@@ -233,6 +239,11 @@ def baselines_of(arms: list[str]) -> dict[str, str]:
     return "supervised"
 
   return {a: baseline(a) for a in arms if a not in ("supervised", "probe/random")}
+
+
+def selected(name: str, patterns: Sequence[str]) -> bool:
+  """Whether run `name` may train under --only: no patterns, or one that matches it."""
+  return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def finished_scores(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -369,7 +380,8 @@ def main(argv):
     runs = seed_runs(base, seed, steps_m, probe_steps, FLAGS.select_split, outdir,
                      FLAGS.ablations, ablation_m, probe_rates)
     for name in runs:
-      record = record_of(runs, name, seed, records, FLAGS.report_only)
+      report_only = FLAGS.report_only or not selected(name, FLAGS.only)
+      record = record_of(runs, name, seed, records, report_only)
       if record is None:
         continue
       if name.startswith("pretrain"):
@@ -390,9 +402,10 @@ def main(argv):
   command = " ".join(["python -m benchmarks.cscl_vs_supervised"] + sys.argv[1:])
   baselines = {a: b for a, b in baselines_of(list(results)).items() if b in results}
   title = "# CSCL vs supervised" + (" (progress: the runs finished so far)"
-                                    if FLAGS.report_only else "")
+                                    if FLAGS.report_only or FLAGS.only else "")
   table = report.results_table(results, baselines, pretrain,
                                f"{title}\n\n{setup}.\n\n    {command}")
+  os.makedirs(outdir, exist_ok=True)  # Nothing may have trained here.
   with open(os.path.join(outdir, "results.md"), "w") as f:
     f.write(table)
   plotted = report.diff_plot(results, baselines, os.path.join(outdir, "diff.png"), setup)

@@ -111,6 +111,13 @@ def test_ablations_change_one_pretraining_setting_and_pair_with_the_paper_arm():
   assert baselines["probe/cscl_m8"] == "probe/random"
 
 
+def test_only_selects_runs_by_name_pattern():
+  selected = cscl_vs_supervised.selected
+  assert selected("paper/m375", []) and selected("probe/random/lr0.01", ["probe/random/*"])
+  assert not selected("probe/cscl_m3000/lr0.01", ["paper/*", "probe/random/*"])
+  assert not selected("paper/m3750", ["paper/m375"])
+
+
 def test_each_probe_takes_its_best_validation_rate_per_seed():
   test = lambda miou, wall=10.0: {"miou": miou, "step": 5, "wall_s": wall}
   results = {"supervised": {0: test(0.8)},
@@ -200,15 +207,19 @@ def test_all_arms_paired_intervals_records_and_resuming(tmp_path):
   # The workdirs lost with their machine: the records answer for the finished runs, and
   # the unfinished one retrains the pre-training it starts from, then itself, to the same
   # numbers (same seed, same data order, deterministic on CPU).
+  # --only trains just the runs it names: here none of the unfinished one's, then it.
   shutil.rmtree(outdir)
-  log = _benchmark(*dirs, f"--records={records}")
+  log = _benchmark(*dirs, f"--records={records}", "--only=supervised,probe/*")
+  assert "[run]" not in log and log.count("[skip]") == 15
+  log = _benchmark(*dirs, f"--records={records}", "--only=paper/*")
   assert log.count("[skip]") == 15 and log.count("[run]") == 2
   assert "[run]  pretrain/m1 seed 1" in log and "[run]  paper/m1 seed 1" in log
   with open(os.path.join(records, "paper", "m1", "seed_1.json")) as f:
     assert json.load(f)["test"] == record["test"]
   with open(os.path.join(outdir, "results.md")) as f:
     again = f.read()
-  means = lambda t: t[:t.index("Per seed")]  # The rest holds the new run's wall time.
+  # Between the command and the per-seed rows, which hold the new run's wall time.
+  means = lambda t: t[t.index("Mean over"):t.index("Per seed")]
   assert means(again) == means(table)
 
 
