@@ -28,10 +28,6 @@ from cscl_jax import input_pipeline
 from cscl_jax import steps
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("batches", 50, "Training batches to count over.")
-config_flags.DEFINE_config_file("config", "configs/pretrain.py:quick",
-                                "Pre-training config (configs/*.py[:variant]).",
-                                lock_config=True)
 
 
 def pair_kinds(labels: np.ndarray, known: np.ndarray, *, kernel_size: int, stride: int,
@@ -95,4 +91,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: the tests import pair_kinds beside other benchmarks that
+  # define --config too.
+  flags.DEFINE_integer("batches", 50, "Training batches to count over.")
+  config_flags.DEFINE_config_file("config", "configs/pretrain.py:quick",
+                                  "Pre-training config (configs/*.py[:variant]).",
+                                  lock_config=True)
   app.run(main)
