@@ -63,6 +63,7 @@ def main(argv):
   info = input_pipeline.dataset_info(config)
   batches = input_pipeline.create_split(config, config.dataset.train_split, train=True,
                                         info=info)
+  window = dict(kernel_size=m.kernel_size, stride=m.stride, dilation=m.dilation)
   counts, masked = {}, {}
   for _ in range(FLAGS.batches):
     batch = next(batches)
@@ -70,7 +71,6 @@ def main(argv):
     valid = batch["valid"].reshape(labels.shape)
     known = np.asarray(steps.known_pixels({"labels": labels, "valid": valid},
                                           m.num_classes))
-    window = dict(kernel_size=m.kernel_size, stride=m.stride, dilation=m.dilation)
     mask = np.asarray(cscl.cscl_mask(jnp.asarray(known), **window))  # [B, H', W', k, k]
     for kind, where in pair_kinds(labels, known, **window).items():
       counts[kind] = counts.get(kind, 0) + int(where.sum())
