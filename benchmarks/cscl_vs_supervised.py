@@ -42,6 +42,7 @@ config.model, so the same widths; the supervised arm keeps the encoder and its c
  5. results.md: per-arm means, paired differences (CSCL - supervised; probe cscl - probe
     random) with 95 % t confidence intervals over seeds (benchmarks/evidence_report.py), per
     seed rows; diff.png: boundary / interior mIoU differences with their intervals;
+    sweep.png: the paired mIoU difference against M, paper and matched arms;
     loss_curves.png: the fine-tuning training loss of every arm. All of it comes from the
     runs' records (below). --report_only writes them from the runs finished so far,
     training nothing (a progress report while the arms run elsewhere; a pair with one
@@ -408,11 +409,13 @@ def main(argv):
   os.makedirs(outdir, exist_ok=True)  # Nothing may have trained here.
   with open(os.path.join(outdir, "results.md"), "w") as f:
     f.write(table)
-  plotted = report.diff_plot(results, baselines, os.path.join(outdir, "diff.png"), setup)
+  plots = {"diff.png": lambda path: report.diff_plot(results, baselines, path, setup),
+           "sweep.png": lambda path: report.sweep_plot(results, path, setup)}
+  plotted = [name for name, plot in plots.items() if plot(os.path.join(outdir, name))]
   report.curves_plot(losses, os.path.join(outdir, "loss_curves.png"),
                      "training loss (fine-tuning / supervised)", setup)
   print(table, flush=True)
-  print(f"Wrote {outdir}/results.md, " + ("diff.png, " if plotted else "")
+  print(f"Wrote {outdir}/results.md, " + "".join(f"{name}, " for name in plotted)
         + f"loss_curves.png ({time.perf_counter() - start:.0f} s; "
         f"{jax.device_count()} devices).", flush=True)
 

@@ -2,7 +2,8 @@
 
   paired_ci(differences)      mean and 95 % t confidence interval of paired differences;
   read_scalars(workdir, tag)  a run's TensorBoard scalars (clu writes them as tensors);
-  results_table / diff_plot / curves_plot  the Markdown and PNGs of the benchmark.
+  results_table / diff_plot / sweep_plot / curves_plot  the Markdown and PNGs of the
+      benchmark.
 
 The t quantiles come from a table (scipy is not a dependency): t_{0.975, df} for df 1..30,
 then 40, 60, 120; between tabulated degrees of freedom the next lower one is used (a slightly
@@ -11,6 +12,7 @@ wider, conservative interval), above 120 the normal 1.96.
 
 import glob
 import os
+import re
 import textwrap
 
 import matplotlib
@@ -181,6 +183,63 @@ def diff_plot(results: dict[str, dict[int, dict[str, float]]], baselines: dict[s
   ax.axhline(0, color="k", lw=0.8)
   ax.set_xticks(x, [f"{a}\n- {baselines[a]}" for a in names], fontsize=6)
   ax.set_ylabel("paired difference (95 % CI)")
+  ax.set_title(textwrap.fill(title, 100), fontsize=7)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True
+
+
+def sweep_points(results: dict[str, dict[int, dict[str, float]]], arm: str,
+                 key: str = "miou") -> list[tuple[int, float, float, float, int]]:
+  """(M, mean, low, high, seeds) of `<arm>/m<M> - supervised` in `key`, by increasing M.
+
+  Paired over the seeds both runs have; with one seed, low = high = mean (no interval).
+  """
+  points = []
+  for name, runs in results.items():
+    match = re.fullmatch(rf"{re.escape(arm)}/m(\d+)", name)
+    seeds = sorted(set(runs) & set(results.get("supervised", {})))
+    if not match or not seeds:
+      continue
+    diffs = [runs[s][key] - results["supervised"][s][key] for s in seeds]
+    mean, lo, hi = paired_ci(diffs) if len(diffs) > 1 else (diffs[0],) * 3
+    points.append((int(match.group(1)), mean, lo, hi, len(seeds)))
+  return sorted(points)
+
+
+def sweep_plot(results: dict[str, dict[int, dict[str, float]]], path: str,
+               title: str) -> bool:
+  """Paired mIoU difference with supervised against pre-training steps M, per arm.
+
+  One line per arm (paper, matched) over its M; error bars are 95 % CIs, hollow markers
+  single seeds (no interval). Written only where some arm has two or more M.
+
+  Returns:
+    Whether the plot was written.
+  """
+  arms = {arm: sweep_points(results, arm) for arm in ("paper", "matched")}
+  arms = {arm: points for arm, points in arms.items() if len(points) > 1}
+  if not arms:
+    return False
+  fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
+  for i, (arm, points) in enumerate(arms.items()):
+    m, mean, lo, hi, n = (np.array(v) for v in zip(*points))
+    m = m * 1.04**i  # Side by side at one M.
+    color = f"C{i}"
+    ax.errorbar(m, mean, yerr=[mean - lo, hi - mean], color=color, capsize=3, lw=1.2,
+                label=f"{arm} - supervised")
+    ax.scatter(m[n == 1], mean[n == 1], facecolors="white", edgecolors=color, zorder=3)
+    for x, y, k in zip(m, mean, n):
+      ax.annotate(f"{k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                  color=color)
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xscale("log", base=2)
+  ticks = sorted({p[0] for points in arms.values() for p in points})
+  ax.set_xticks(ticks, [str(t) for t in ticks])
+  ax.set_xlabel("pre-training steps M (numbers: seeds)")
+  ax.set_ylabel("paired mIoU difference (95 % CI)")
   ax.set_title(textwrap.fill(title, 100), fontsize=7)
   ax.legend(fontsize=8)
   fig.tight_layout()
