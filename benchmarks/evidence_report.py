@@ -155,6 +155,15 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
   return "\n".join(lines) + "\n"
 
 
+def _save(fig, ax, path: str, title: str, legend_fontsize: int) -> None:
+  """Titles (wrapped), adds the legend, writes `path` and closes the figure."""
+  ax.set_title(textwrap.fill(title, 100), fontsize=7)
+  ax.legend(fontsize=legend_fontsize)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def diff_plot(results: dict[str, dict[int, dict[str, float]]], baselines: dict[str, str],
               path: str, title: str) -> bool:
   """Bars of the paired boundary / interior mIoU differences with their 95 % CIs.
@@ -183,11 +192,7 @@ def diff_plot(results: dict[str, dict[int, dict[str, float]]], baselines: dict[s
   ax.axhline(0, color="k", lw=0.8)
   ax.set_xticks(x, [f"{a}\n- {baselines[a]}" for a in names], fontsize=6)
   ax.set_ylabel("paired difference (95 % CI)")
-  ax.set_title(textwrap.fill(title, 100), fontsize=7)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _save(fig, ax, path, title, legend_fontsize=8)
   return True
 
 
@@ -240,11 +245,7 @@ def sweep_plot(results: dict[str, dict[int, dict[str, float]]], path: str,
   ax.set_xticks(ticks, [str(t) for t in ticks])
   ax.set_xlabel("pre-training steps M (numbers: seeds)")
   ax.set_ylabel("paired mIoU difference (95 % CI)")
-  ax.set_title(textwrap.fill(title, 100), fontsize=7)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _save(fig, ax, path, title, legend_fontsize=8)
   return True
 
 
@@ -261,8 +262,4 @@ def curves_plot(curves: dict[str, list[dict[int, float]]], path: str, ylabel: st
             label=f"{name} (mean of {len(runs)})")
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
-  ax.set_title(textwrap.fill(title, 100), fontsize=7)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _save(fig, ax, path, title, legend_fontsize=7)
