@@ -410,7 +410,7 @@ def main(argv):
   with open(os.path.join(outdir, "results.md"), "w") as f:
     f.write(table)
   plots = {"diff.png": lambda path: report.diff_plot(results, baselines, path, setup),
-           "sweep.png": lambda path: report.sweep_plot(results, path, setup)}
+           "sweep.png": lambda path: report.sweep_plot(results, baselines, path, setup)}
   plotted = [name for name, plot in plots.items() if plot(os.path.join(outdir, name))]
   report.curves_plot(losses, os.path.join(outdir, "loss_curves.png"),
                      "training loss (fine-tuning / supervised)", setup)

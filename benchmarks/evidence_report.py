@@ -87,6 +87,13 @@ def training_seconds(workdir: str) -> float | None:
   return sum(spans) if spans else None
 
 
+def paired_differences(results: dict[str, dict[int, dict[str, float]]], arm: str,
+                       base: str, key: str) -> list[float]:
+  """`arm` - `base` in metric `key`, one per seed both have, by increasing seed."""
+  seeds = sorted(set(results[arm]) & set(results[base]))
+  return [results[arm][s][key] - results[base][s][key] for s in seeds]
+
+
 def _difference(differences: list[float]) -> str:
   """"+m [lo, hi]" (mean and 95 % CI); "+m (1 seed, no CI)" for a single seed."""
   if len(differences) == 1:
@@ -126,11 +133,10 @@ def results_table(results: dict[str, dict[int, dict[str, float]]],
   lines += ["", "Paired differences, mean [95 % CI] over seeds (t distribution, n-1 df):", "",
             row(["difference", "seeds"] + titles), row(["---"] * (2 + len(METRICS)))]
   for arm, base in baselines.items():
-    seeds = sorted(set(results[arm]) & set(results[base]))
-    if seeds:
-      lines.append(row([f"{arm} - {base}", str(len(seeds))] + [
-          _difference([results[arm][s][k] - results[base][s][k] for s in seeds])
-          for k, _ in METRICS]))
+    differences = [paired_differences(results, arm, base, k) for k, _ in METRICS]
+    if differences[0]:
+      lines.append(row([f"{arm} - {base}", str(len(differences[0]))]
+                       + [_difference(d) for d in differences]))
   lines += ["", "Per seed (train s: wall seconds of training, - where not recorded):", "",
             row(["arm", "seed", "best step"] + titles + ["train s"]),
             row(["---"] * (4 + len(METRICS)))]
@@ -183,9 +189,7 @@ def diff_plot(results: dict[str, dict[int, dict[str, float]]], baselines: dict[s
   for i, (key, label) in enumerate(keys):
     stats = []
     for arm in names:
-      base = baselines[arm]
-      seeds = sorted(set(results[arm]) & set(results[base]))
-      stats.append(paired_ci([results[arm][s][key] - results[base][s][key] for s in seeds]))
+      stats.append(paired_ci(paired_differences(results, arm, baselines[arm], key)))
     mean, lo, hi = np.array(stats).T
     ax.bar(x + (i - 0.5) * 0.38, mean, 0.36, yerr=[mean - lo, hi - mean], capsize=3,
            label=label)
@@ -196,27 +200,25 @@ def diff_plot(results: dict[str, dict[int, dict[str, float]]], baselines: dict[s
   return True
 
 
-def sweep_points(results: dict[str, dict[int, dict[str, float]]], arm: str,
-                 key: str = "miou") -> list[tuple[int, float, float, float, int]]:
-  """(M, mean, low, high, seeds) of `<arm>/m<M> - supervised` in `key`, by increasing M.
+def sweep_points(results: dict[str, dict[int, dict[str, float]]], baselines: dict[str, str],
+                 arm: str, key: str = "miou") -> list[tuple[int, float, float, float, int]]:
+  """(M, mean, low, high, seeds) of `<arm>/m<M>` - its baseline in `key`, by increasing M.
 
   Paired over the seeds both runs have; with one seed, low = high = mean (no interval).
   """
   points = []
-  for name, runs in results.items():
+  for name, base in baselines.items():
     match = re.fullmatch(rf"{re.escape(arm)}/m(\d+)", name)
-    seeds = sorted(set(runs) & set(results.get("supervised", {})))
-    if not match or not seeds:
-      continue
-    diffs = [runs[s][key] - results["supervised"][s][key] for s in seeds]
-    mean, lo, hi = paired_ci(diffs) if len(diffs) > 1 else (diffs[0],) * 3
-    points.append((int(match.group(1)), mean, lo, hi, len(seeds)))
+    diffs = paired_differences(results, name, base, key) if match else []
+    if diffs:
+      mean, lo, hi = paired_ci(diffs) if len(diffs) > 1 else (diffs[0],) * 3
+      points.append((int(match.group(1)), mean, lo, hi, len(diffs)))
   return sorted(points)
 
 
-def sweep_plot(results: dict[str, dict[int, dict[str, float]]], path: str,
-               title: str) -> bool:
-  """Paired mIoU difference with supervised against pre-training steps M, per arm.
+def sweep_plot(results: dict[str, dict[int, dict[str, float]]], baselines: dict[str, str],
+               path: str, title: str) -> bool:
+  """Paired mIoU difference with the baseline (supervised) against pre-training steps M.
 
   One line per arm (paper, matched) over its M; error bars are 95 % CIs, hollow markers
   single seeds (no interval). Written only where some arm has two or more M.
@@ -224,7 +226,7 @@ def sweep_plot(results: dict[str, dict[int, dict[str, float]]], path: str,
   Returns:
     Whether the plot was written.
   """
-  arms = {arm: sweep_points(results, arm) for arm in ("paper", "matched")}
+  arms = {arm: sweep_points(results, baselines, arm) for arm in ("paper", "matched")}
   arms = {arm: points for arm, points in arms.items() if len(points) > 1}
   if not arms:
     return False

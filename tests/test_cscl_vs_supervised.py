@@ -268,15 +268,17 @@ def test_sweep_points_pair_each_m_with_supervised(tmp_path):
   results = {"supervised": runs([0.5, 0.6, 0.7]), "paper/m4": runs([0.6, 0.6, 0.9]),
              "paper/m2": runs([0.4, None, None]), "matched/m2": runs([0.5, 0.7]),
              "paper_mask/m2": runs([0.9, 0.9, 0.9])}
-  points = evidence_report.sweep_points(results, "paper")
+  baselines = cscl_vs_supervised.baselines_of(list(results))
+  points = evidence_report.sweep_points(results, baselines, "paper")
   assert [(m, n) for m, *_, n in points] == [(2, 1), (4, 3)]  # paper_mask is another arm.
   assert points[0][1:4] == pytest.approx((-0.1, -0.1, -0.1))  # One seed: no interval.
   mean, lo, hi = evidence_report.paired_ci([0.1, 0.0, 0.2])
   assert points[1][1:4] == pytest.approx((mean, lo, hi))
-  assert evidence_report.sweep_points(results, "matched")[0][1] == pytest.approx(0.05)
+  assert evidence_report.sweep_points(results, baselines, "matched")[0][1] == pytest.approx(
+      0.05)
   path = str(tmp_path / "sweep.png")
-  assert evidence_report.sweep_plot(results, path, "t")  # paper has two M.
+  assert evidence_report.sweep_plot(results, baselines, path, "t")  # paper has two M.
   assert os.path.getsize(path) > 1000
-  del results["paper/m2"]
-  assert not evidence_report.sweep_plot(results, str(tmp_path / "none.png"), "t")
+  del results["paper/m2"], baselines["paper/m2"]
+  assert not evidence_report.sweep_plot(results, baselines, str(tmp_path / "none.png"), "t")
   assert not os.path.exists(tmp_path / "none.png")
